@@ -1,0 +1,1 @@
+"""Builders of the bundled tiny default: corpus, tokenizer, base model, SFT data."""

@@ -1,0 +1,1 @@
+"""Triton kernels of dlo (installed as ``dlo_kernels``), each with its pure-torch twin."""
