@@ -1,3 +1,24 @@
-"""dlo: Dynamic Layer Operation for Llama-family models."""
+"""dlo: Dynamic Layer Operation for Llama-family models.
+
+Expand depth, route tokens per layer, train routers with the model, skip compute for real.
+"""
+
+from dlo.calibration import calibrate
+from dlo.config import RoutingConfig
+from dlo.losses import router_loss
+from dlo.modeling import attach_routers, forced_routing, load_model, routed_layers, set_capacity
+from dlo.schedules import apply_capacity_schedule
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "RoutingConfig",
+    "apply_capacity_schedule",
+    "attach_routers",
+    "calibrate",
+    "forced_routing",
+    "load_model",
+    "routed_layers",
+    "router_loss",
+    "set_capacity",
+]

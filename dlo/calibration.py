@@ -1,0 +1,70 @@
+"""Fit inference thresholds on calibration text so realised capacity matches the targets.
+
+Layers are calibrated in order: layer l's scores are collected with layers < l already routing
+by their fitted thresholds, exactly as at inference. Each pass stops right after layer l.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from dlo.modeling import routed_layers
+from dlo.routing import NUM_QUANTILES
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _batches(data, tokenizer, batch_size: int, max_length: int, device) -> list[dict]:
+    data = list(data)
+    if data and isinstance(data[0], str):
+        if tokenizer is None:
+            raise ValueError("calibrate() got raw texts: pass tokenizer= to tokenise them")
+        out = []
+        for start in range(0, len(data), batch_size):
+            enc = tokenizer(data[start:start + batch_size], return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_length)
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        data = out
+    if not data:
+        raise ValueError("calibrate() needs at least one text or batch")
+    return [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in data]
+
+
+@torch.no_grad()
+def calibrate(model, data: Iterable, tokenizer=None, batch_size: int = 8, max_length: int = 512,
+              progress: bool = True) -> list[float]:
+    """Set every routed layer's score quantiles from ``data`` (texts with ``tokenizer``, or batches
+    of ``input_ids``/``attention_mask``). Returns the resulting thresholds, one per routed layer."""
+    layers = routed_layers(model)
+    if not layers:
+        raise ValueError("model has no routed layers; call dlo.attach_routers first")
+    device = next(model.parameters()).device
+    batches = _batches(data, tokenizer, batch_size, max_length, device)
+    was_training = model.training
+    model.eval()
+    levels = torch.linspace(0, 1, NUM_QUANTILES, device=device)
+    try:
+        for layer in tqdm(layers, desc="calibrating thresholds", disable=not progress):
+            def stop(module, args, output):
+                raise _StopForward
+
+            handle = layer.register_forward_hook(stop)
+            scores = []
+            try:
+                for batch in batches:
+                    try:
+                        model(**batch, use_cache=False)
+                    except _StopForward:
+                        record = layer.last
+                        scores.append(torch.sigmoid(record.logits)[record.valid].float())
+            finally:
+                handle.remove()
+            layer.score_quantiles.copy_(torch.quantile(torch.cat(scores), levels))
+    finally:
+        model.train(was_training)
+    return [float(layer.threshold()) for layer in layers]

@@ -1,0 +1,300 @@
+"""Per-token routed decoder layers (DESIGN.md §2.2-2.3).
+
+A ``RoutedDecoderLayer`` wraps a stock HF decoder layer (Llama, Mistral, Qwen2: pre-norm
+attention + MLP). It registers the stock layer's own submodules under their own names, so
+checkpoint keys stay ``model.layers.{i}.self_attn...``; the only new keys are the router's.
+
+Training selects, per sequence, the top-k tokens by router score (k = ceil(c * T): static
+shapes, no host sync, ties broken by position). Inference selects causally: a token runs
+when its score reaches the layer's calibrated threshold. Selected tokens are gathered into a
+packed (B, K, d) batch, the layer runs on that batch with the tokens' original positions, and
+the result is combined back:  y = h + g * (F(h) - h),  g = 1 + beta * (score - 1/2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from dlo import ops
+
+# Submodules a decoder layer must have for us to route it.
+REQUIRED_SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+# Score quantile levels tracked per layer; inference thresholds interpolate between them.
+NUM_QUANTILES = 101
+# Names under which transformers passes the KV cache to a decoder layer (5.x renamed it).
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+@dataclass
+class RouterRecord:
+    """What one routed layer decided in its last forward (read by losses and statistics)."""
+
+    logits: torch.Tensor  # (B, T) router logits, fp32, carries grad in training
+    selected: torch.Tensor  # (B, T) bool: token ran the layer
+    valid: torch.Tensor  # (B, T) bool: not padding
+    capacity: float  # effective capacity used for this forward
+    similarity: torch.Tensor | None  # (B, T) cos(h, F(h)) when computed, else None
+
+
+class RoutingState:
+    """Per-model mutable state shared by all routed layers of one model."""
+
+    def __init__(self):
+        self.token_mask: torch.Tensor | None = None  # (B, T_total) 2-D padding mask of the current forward
+        self.forward_count = 0  # training forwards seen; drives the similarity refresh period
+        self.similarity_due = False
+        self.force: str | None = None  # None | "run" | "skip": override decisions (analysis, export)
+        self.anneal_fraction = 1.0  # 0 = capacity 1.0 everywhere, 1 = the targets
+
+    def valid_tokens(self, batch: int, seq_len: int, device) -> torch.Tensor | None:
+        """(B, T) bool validity of the current chunk of tokens, or None when nothing is padded."""
+        if self.token_mask is None:
+            return None
+        mask = self.token_mask[:, -seq_len:].to(device=device, dtype=torch.bool)
+        return mask.expand(batch, seq_len)
+
+
+class RoutedDecoderLayer(GradientCheckpointingLayer):
+    """Routing logic; instantiate through ``routed_layer_class(type(stock_layer))``."""
+
+    def __init__(self, layer: nn.Module, *, layer_index: int, routed_index: int, capacity: float,
+                 granularity: str, beta: float, state: RoutingState):
+        # The concrete class also derives from the stock layer class (so isinstance checks,
+        # output_hidden_states recording and no-split rules keep working), but the stock
+        # __init__ would build fresh weights: initialise only the module machinery.
+        GradientCheckpointingLayer.__init__(self)
+        missing = [name for name in REQUIRED_SUBMODULES if not hasattr(layer, name)]
+        if missing:
+            raise ValueError(
+                f"layer {layer_index} ({type(layer).__name__}) lacks {missing}; dlo routes pre-norm decoder "
+                f"layers with {REQUIRED_SUBMODULES} (Llama, Mistral, Qwen2)"
+            )
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+        hidden = layer.input_layernorm.weight.shape[-1]
+        weight = layer.input_layernorm.weight
+        self.router = nn.Linear(hidden, 1, bias=True, device=weight.device, dtype=weight.dtype)
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.router.bias)
+        self.layer_index = layer_index
+        self.routed_index = routed_index
+        self.granularity = granularity
+        self.beta = beta
+        self.target_capacity = capacity
+        # Persistent so checkpoints resume exactly; mirrored into the saved config for readers.
+        self.register_buffer("capacity", torch.tensor(capacity, dtype=torch.float32))
+        self.register_buffer("score_quantiles", torch.full((NUM_QUANTILES,), 0.5, dtype=torch.float32))
+        self.state = state
+        self.last: RouterRecord | None = None
+
+    # ---- capacity and thresholds -------------------------------------------------------
+    def effective_capacity(self) -> float:
+        """Capacity of this forward: annealed from 1.0 towards the target during training."""
+        if not self.training:
+            return self.target_capacity
+        return 1.0 - (1.0 - self.target_capacity) * self.state.anneal_fraction
+
+    def threshold(self, capacity: float | None = None) -> torch.Tensor:
+        """Score threshold at which the share of tokens running equals ``capacity`` (0-dim tensor)."""
+        c = self.target_capacity if capacity is None else capacity
+        pos = (1.0 - c) * (NUM_QUANTILES - 1)
+        lo = min(int(math.floor(pos)), NUM_QUANTILES - 2)
+        w = pos - lo
+        return self.score_quantiles[lo] * (1.0 - w) + self.score_quantiles[lo + 1] * w
+
+    def set_target_capacity(self, capacity: float):
+        self.target_capacity = float(capacity)
+        self.capacity.fill_(self.target_capacity)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+        if self.granularity == "mlp":
+            return self._forward_mlp(hidden_states, attention_mask, position_ids, position_embeddings, kwargs)
+        return self._forward_block(hidden_states, attention_mask, position_ids, position_embeddings, kwargs)
+
+    def _dense(self, x, attention_mask, position_ids, position_embeddings, kwargs):
+        """The stock layer's computation: pre-norm attention then pre-norm MLP, each residual."""
+        attn, _ = self.self_attn(
+            hidden_states=self.input_layernorm(x),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _mlp_update(self, x):
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _select(self, logits: torch.Tensor, valid: torch.Tensor | None):
+        """Choose the tokens that run. Returns idx (B, K) ascending positions and active (B, K) bool."""
+        B, T = logits.shape
+        device = logits.device
+        force = self.state.force
+        capacity = self.effective_capacity()
+        if force == "run":
+            idx = torch.arange(T, device=device).expand(B, T)
+            active = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid
+            return idx, active, capacity
+        if force == "skip":
+            return None, None, capacity
+        if self.training:
+            k = min(T, math.ceil(capacity * T))
+            ranked = logits if valid is None else logits.masked_fill(~valid, float("-inf"))
+            # Stable descending sort: equal scores keep position order, so ties go to the earlier token.
+            order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
+            idx = torch.sort(order, dim=1).values  # (B, k) ascending: packed order stays causal
+            active = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.gather(1, idx)
+            return idx, active, capacity
+        chosen = torch.sigmoid(logits) >= self.threshold()
+        if valid is not None:
+            chosen &= valid
+        idx, active = ops.active_positions(chosen)
+        return idx, active, capacity
+
+    def _record(self, logits, idx, active, valid, capacity, similarity):
+        B, T = logits.shape
+        selected = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
+        if idx is not None:
+            selected.scatter_(1, idx, active)
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=logits.device)
+        self.last = RouterRecord(logits=logits, selected=selected, valid=valid, capacity=capacity,
+                                 similarity=similarity)
+
+    def _forward_block(self, h, attention_mask, position_ids, position_embeddings, kwargs):
+        B, T, d = h.shape
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        if cache is not None and cache.get_seq_length(self.layer_index) > 0:
+            raise NotImplementedError("decoding with a KV cache under block routing needs dlo's routed cache")
+        valid = self.state.valid_tokens(B, T, h.device)
+        logits = self.router(h).squeeze(-1).float()  # (B, T)
+        idx, active, capacity = self._select(logits, valid)
+        similarity = None
+        if self.training and self.state.similarity_due:
+            with torch.no_grad():  # a side computation: it must not write the KV cache
+                no_cache = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+                dense = self._dense(h, attention_mask, position_ids, position_embeddings, no_cache)
+                similarity = torch.nn.functional.cosine_similarity(h.float(), dense.float(), dim=-1)
+        if idx is None:  # every token skips: the layer is the identity
+            self._record(logits, idx, active, valid, capacity, similarity)
+            return h
+        K = idx.shape[1]
+        gate = (1.0 + self.beta * (torch.sigmoid(logits.gather(1, idx)) - 0.5)) * active  # (B, K)
+        # Inference batches rows with different counts: their filler slots must not be attended.
+        # In training (and forced runs) the only inactive slots are padding, which the model's mask hides.
+        key_ok = active if (not self.training and self.state.force is None) else None
+        if K == T:  # everyone is in the batch: no gather, idx is arange(T)
+            mask = attention_mask if key_ok is None else packed_attention_mask(attention_mask, idx, key_ok)
+            f = self._dense(h, mask, position_ids, position_embeddings, kwargs)
+            y = h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
+        else:
+            flat = ops.flat_row_index(idx, T)  # (B*K,)
+            h_packed = ops.gather_rows(h.reshape(B * T, d), flat).view(B, K, d)
+            pos = _gather_positions(position_ids, idx, B, T)
+            pe = _gather_rotary(position_embeddings, idx)
+            mask = packed_attention_mask(attention_mask, idx, key_ok)
+            f = self._dense(h_packed, mask, pos, pe, kwargs)  # (B, K, d)
+            y = ops.scatter_combine(h.reshape(B * T, d), f.reshape(B * K, d), gate.reshape(-1), flat)
+            y = y.view(B, T, d)
+        self._record(logits, idx, active, valid, capacity, similarity)
+        return y
+
+    def _forward_mlp(self, h, attention_mask, position_ids, position_embeddings, kwargs):
+        B, T, d = h.shape
+        attn, _ = self.self_attn(
+            hidden_states=self.input_layernorm(h),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        x = h + attn  # attention is dense: every token writes its KV, so the ordinary cache is right
+        valid = self.state.valid_tokens(B, T, h.device)
+        logits = self.router(x).squeeze(-1).float()  # (B, T): the router sees what enters the MLP
+        idx, active, capacity = self._select(logits, valid)
+        similarity = None
+        if self.training and self.state.similarity_due:
+            with torch.no_grad():
+                similarity = torch.nn.functional.cosine_similarity(
+                    x.float(), self._mlp_update(x).float(), dim=-1
+                )
+        if idx is None:
+            self._record(logits, idx, active, valid, capacity, similarity)
+            return x
+        K = idx.shape[1]
+        gate = (1.0 + self.beta * (torch.sigmoid(logits.gather(1, idx)) - 0.5)) * active  # (B, K)
+        if K == T:
+            y = x + gate.unsqueeze(-1).to(x.dtype) * self.mlp(self.post_attention_layernorm(x))
+        else:
+            flat = ops.flat_row_index(idx, T)
+            x_packed = ops.gather_rows(x.reshape(B * T, d), flat)  # (B*K, d)
+            f = self._mlp_update(x_packed)
+            y = ops.scatter_combine(x.reshape(B * T, d), f, gate.reshape(-1), flat).view(B, T, d)
+        self._record(logits, idx, active, valid, capacity, similarity)
+        return y
+
+
+_ROUTED_LAYER_CLASSES: dict[type, type] = {}
+
+
+def routed_layer_class(stock_class: type) -> type:
+    """``Routed<Stock>``: RoutedDecoderLayer's logic on top of the stock decoder layer class."""
+    if stock_class not in _ROUTED_LAYER_CLASSES:
+        _ROUTED_LAYER_CLASSES[stock_class] = type(
+            f"Routed{stock_class.__name__}", (RoutedDecoderLayer, stock_class), {"__module__": __name__}
+        )
+    return _ROUTED_LAYER_CLASSES[stock_class]
+
+
+def _gather_positions(position_ids, idx, B, T):
+    if position_ids is None:
+        return idx
+    return position_ids.expand(B, T).gather(1, idx)
+
+
+def _gather_rotary(position_embeddings, idx):
+    """Gather cos/sin (B or 1, T, head_dim) at the selected positions -> (B, K, head_dim)."""
+    cos, sin = position_embeddings
+    B, K = idx.shape
+    index = idx.unsqueeze(-1).expand(B, K, cos.shape[-1])
+    return cos.expand(B, -1, -1).gather(1, index), sin.expand(B, -1, -1).gather(1, index)
+
+
+def packed_attention_mask(full_mask, idx, key_ok):
+    """Attention mask among the packed tokens.
+
+    full_mask: the model's mask for the whole chunk, (B, 1, T, T) bool (True = attend) or additive
+    float, or None (plain causal attention). idx: (B, K) original positions. key_ok: (B, K) bool,
+    False for slots that are padding or fillers (they must not be attended), or None (all fine).
+    Returns None when the packed batch is plainly causal (idx ascending, nothing masked), else a
+    (B, 1, K, K) mask of the same kind as ``full_mask`` (bool when ``full_mask`` is None).
+    """
+    if full_mask is None and key_ok is None:
+        return None
+    B, K = idx.shape
+    if full_mask is None:
+        allowed = (idx.unsqueeze(1) <= idx.unsqueeze(2)).unsqueeze(1)  # (B, 1, K, K): key pos <= query pos
+    else:
+        if full_mask.shape[-1] != full_mask.shape[-2]:
+            raise NotImplementedError("block routing with a KV cache needs dlo's routed cache")
+        m = full_mask.expand(B, -1, -1, -1)
+        heads = m.shape[1]
+        rows = m.gather(2, idx[:, None, :, None].expand(B, heads, K, m.shape[-1]))  # (B, h, K, T)
+        sub = rows.gather(3, idx[:, None, None, :].expand(B, heads, K, K))  # (B, h, K, K)
+        allowed = sub if sub.dtype == torch.bool else sub == 0
+    if key_ok is not None:
+        allowed = allowed & key_ok[:, None, None, :]
+    # A query that may attend nothing (padding, filler) would produce NaN; let it see itself.
+    allowed = allowed | torch.eye(K, dtype=torch.bool, device=idx.device)
+    if full_mask is None or full_mask.dtype == torch.bool:
+        return allowed
+    return torch.where(allowed, 0.0, torch.finfo(full_mask.dtype).min).to(full_mask.dtype)

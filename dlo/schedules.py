@@ -1,0 +1,30 @@
+"""Capacity annealing: mean capacity moves from 1.0 to its target over N optimizer steps."""
+
+import math
+
+from dlo.modeling import routed_layers
+
+
+def anneal_fraction(step: int, anneal_steps: int, schedule: str = "linear") -> float:
+    """0.0 at step 0 (every token runs) -> 1.0 once ``step >= anneal_steps`` (targets reached)."""
+    if anneal_steps <= 0:
+        return 1.0
+    t = min(max(step, 0) / anneal_steps, 1.0)
+    if schedule == "linear":
+        return t
+    if schedule == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * t))
+    raise ValueError(f"schedule={schedule!r}: expected 'linear' or 'cosine'")
+
+
+def apply_capacity_schedule(model, step: int) -> float:
+    """Set the annealing position of ``model``'s routers for optimizer step ``step``; returns it."""
+    config = model.dlo_routing_config
+    frac = anneal_fraction(step, config.anneal_steps, config.anneal_schedule)
+    model._dlo_state.anneal_fraction = frac
+    return frac
+
+
+def mean_effective_capacity(model) -> float:
+    layers = routed_layers(model)
+    return sum(layer.effective_capacity() for layer in layers) / len(layers)
