@@ -20,8 +20,25 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+DEMO := runs/demo
+
 demo: setup
-	$(BIN)/python -m dlo.demo
+	rm -rf $(DEMO)
+	@echo "== 1/5 expand: tiny Shakespeare Llama, 6 -> 8 layers (LLaMA-Pro, zero-init copies) =="
+	$(BIN)/dlo expand --model assets/tiny/base --strategy llama-pro --groups 2 --init zero --output $(DEMO)/expanded
+	@echo "== 2/5 train with routing: SFT recipe, routers on the new layers, capacity 1.0 -> 0.5 =="
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		recipes/sft.py --config recipes/configs/tiny.yaml model.path=$(DEMO)/expanded model.expansion=null \
+		output_dir=$(DEMO)/sft
+	@echo "== 3/5 report: capacity, FLOPs and wall-clock per layer =="
+	$(BIN)/dlo report --model $(DEMO)/sft/final --data assets/tiny/sft/eval.jsonl --output $(DEMO)/report \
+		--max-samples 128
+	@echo "== 4/5 export: drop rarely-run routed layers, save a plain LlamaForCausalLM =="
+	$(BIN)/dlo export --model $(DEMO)/sft/final --output $(DEMO)/exported --min-capacity 0.3 \
+		--data assets/tiny/sft/eval.jsonl
+	@echo "== 5/5 generate with the routed model =="
+	$(BIN)/dlo generate --model $(DEMO)/sft/final --chat --max-new-tokens 24 \
+		--prompt "Which play is this line from? \"To be, or not to be, that is the question\""
 
 test: setup
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc

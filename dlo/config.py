@@ -61,6 +61,11 @@ class RoutingConfig:
         default=0.9,
         metadata={"help": "EMA momentum of per-layer capacities re-allocated by 'cos-global' labels."},
     )
+    capacity_scaled_lr: bool = field(
+        default=False,
+        metadata={"help": "Scale each routed layer's learning rate by its target capacity (fixed when the "
+                  "optimizer is built)."},
+    )
     min_layer_capacity: float = field(
         default=0.05, metadata={"help": "Floor of a re-allocated per-layer capacity (cos-global)."}
     )

@@ -1,1 +1,19 @@
-"""Triton kernels of dlo (installed as ``dlo_kernels``), each with its pure-torch twin."""
+"""Triton kernels of dlo (installed as ``dlo_kernels``), each with its pure-torch twin.
+
+Importing this package registers the ``torch.ops.dlo`` ops. Import it only as ``dlo_kernels``:
+a second import under the folder name would register them twice (and fail loudly).
+"""
+
+from . import reference
+from .combine import ScatterCombineFunction, scatter_combine_backward, scatter_combine_forward
+from .gather import GatherRowsFunction, gather_rows_backward, gather_rows_forward
+
+__all__ = [
+    "GatherRowsFunction",
+    "ScatterCombineFunction",
+    "gather_rows_backward",
+    "gather_rows_forward",
+    "reference",
+    "scatter_combine_backward",
+    "scatter_combine_forward",
+]

@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # Subcommand name -> module under dlo.cli that implements it.
-COMMANDS = {}
+COMMANDS = {"expand": "expand"}
 
 
 def main(argv=None):

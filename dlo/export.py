@@ -1,0 +1,245 @@
+"""Static export (DESIGN.md §5): drop rarely-run routed layers, keep the rest as plain dense layers.
+
+``export_static`` returns a fresh stock ``*ForCausalLM`` (e.g. ``LlamaForCausalLM``) that vanilla
+transformers loads without custom code. What it does, in order:
+
+1. merges LoRA adapters if ``model`` is a peft model (in place, as ``merge_and_unload`` does);
+2. decides which layers to keep: with ``min_capacity=X`` every routed layer whose capacity is
+   below X is dropped (unrouted layers always stay); with ``num_layers=N`` the N layers with the
+   highest usage stay, where an unrouted layer's usage is 1.0 and a routed layer's is its
+   capacity (so unrouted layers go last). Capacities are the realised ones measured on data
+   when ``capacities`` is given, else the routers' targets. Ties are broken by the measured
+   similarity cos(h_in, h_out) (lower = the layer changes its tokens more = kept) when
+   ``similarity`` is given, else by position (earlier kept). Dropping an unrouted layer needs
+   ``similarity``: without routers there is nothing else to rank layers by;
+3. copies the kept layers' weights into freshly built stock layers, renumbered 0..N-1, without
+   the router tensors. Kept routed layers run every token **ungated** (g = 1): the gate
+   1 + β(s − ½) depends on the token and has no dense equivalent; ``export.json`` and the
+   before/after loss state what that costs.
+
+With ``mlp`` granularity a routed layer's attention always ran; a stock layer cannot exist
+without its MLP, so dropping it removes its attention too (again measured by the loss).
+
+``save_export`` writes the checkpoint (safetensors), tokenizer and ``export.json`` into a hidden
+temporary directory next to the output and renames it into place at the end: a failure or an
+interruption leaves no output (a SIGKILL can leave the hidden ``.NAME.tmp-*`` directory).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+import torch
+
+from dlo.modeling import DloRoutedMixin, decoder_layers, routed_layers
+
+# Tensors a routed layer adds to the stock layer's own.
+ROUTER_TENSORS = ("router.weight", "router.bias", "capacity", "score_quantiles")
+
+
+def merge_lora(model):
+    """The model with LoRA adapters merged in (peft models), else ``model`` itself."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def layer_usage(model, capacities: dict[int, float] | None = None) -> dict[int, float]:
+    """Usage of every routed layer, keyed by layer index: ``capacities`` where given, else the target."""
+    usage = {layer.layer_index: float(layer.target_capacity) for layer in routed_layers(model)}
+    for i, c in (capacities or {}).items():
+        if int(i) not in usage:
+            raise ValueError(f"capacities names layer {i}, which is not routed (routed: {sorted(usage)})")
+        usage[int(i)] = float(c)
+    return usage
+
+
+def select_layers(num_total: int, usage: dict[int, float], min_capacity: float | None = None,
+                  num_layers: int | None = None, similarity: list[float] | None = None) -> list[int]:
+    """Indices of the layers to keep (ascending). ``usage`` holds the routed layers' capacities."""
+    if (min_capacity is None) == (num_layers is None):
+        raise ValueError("give exactly one of min_capacity and num_layers")
+    if similarity is not None and len(similarity) != num_total:
+        raise ValueError(f"similarity has {len(similarity)} values for {num_total} layers")
+    if min_capacity is not None:
+        if not usage:
+            raise ValueError("the model has no routers, so min_capacity has no capacity to compare with; "
+                             "use num_layers=N (with similarity measured on data) instead")
+        if not (0.0 < min_capacity <= 1.0):
+            raise ValueError(f"min_capacity={min_capacity}: must be in (0, 1]")
+        kept = [i for i in range(num_total) if usage.get(i, 1.0) >= min_capacity]
+        if not kept:
+            caps = ", ".join(f"{i}: {usage[i]:.3f}" for i in sorted(usage))
+            raise ValueError(f"min_capacity={min_capacity} would drop every layer (all {num_total} layers are routed, "
+                             f"capacities {{{caps}}}); an export needs at least one layer")
+        return kept
+    if not (1 <= num_layers <= num_total):
+        raise ValueError(f"num_layers={num_layers}: must be in [1, {num_total}]")
+    unrouted = num_total - len(usage)
+    if num_layers < unrouted and similarity is None:
+        raise ValueError(f"num_layers={num_layers} would drop unrouted layers ({unrouted} of the {num_total} layers "
+                         "carry no router), which can only be ranked by measured similarity; pass similarity= "
+                         "(CLI: --data FILE)")
+
+    def rank(i):
+        tie = similarity[i] if similarity is not None else 0.0
+        return (-usage.get(i, 1.0), i in usage, tie, i)
+
+    return sorted(sorted(range(num_total), key=rank)[:num_layers])
+
+
+def stock_model_class(model) -> type:
+    """The stock transformers class under dlo's routed model class (the class itself for plain models)."""
+    return next(c for c in type(model).__mro__ if not issubclass(c, DloRoutedMixin))
+
+
+def _layers_prefix(model) -> str:
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
+def export_static(model, min_capacity: float | None = None, num_layers: int | None = None,
+                  capacities: dict[int, float] | None = None, similarity: list[float] | None = None):
+    """A plain stock model with the chosen layers (see the module docstring). ``model`` keeps its weights."""
+    model = merge_lora(model)
+    layers = decoder_layers(model)
+    granularity = model.dlo_routing_config.granularity if routed_layers(model) else None
+    usage = layer_usage(model, capacities)
+    kept = select_layers(len(layers), usage, min_capacity, num_layers, similarity)
+    dropped = [i for i in range(len(layers)) if i not in kept]
+    new_index = {old: new for new, old in enumerate(kept)}
+
+    config = copy.deepcopy(model.config)
+    for key in ("dlo_routing", "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    stock = stock_model_class(model)
+    config.architectures = [stock.__name__]
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in kept]
+    config.dlo_export = {
+        "source_num_layers": len(layers),
+        "kept": kept,
+        "dropped": dropped,
+        "criterion": {"min_capacity": min_capacity} if min_capacity is not None else {"num_layers": num_layers},
+        "usage": {str(i): u for i, u in sorted(usage.items())},
+        "usage_source": "measured" if capacities else "target",
+        "granularity": granularity,
+        "kept_routed_layers_run_ungated": granularity is not None,
+    }
+
+    prefix = _layers_prefix(model)
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
+
+    def rename(key: str) -> str | None:
+        """Key in the exported model, or None when the tensor does not go there."""
+        match = pattern.match(key)
+        if match is None:
+            return key
+        old, rest = int(match.group(1)), match.group(2)
+        if old not in new_index or rest in ROUTER_TENSORS:
+            return None
+        return f"{prefix}.{new_index[old]}.{rest}"
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        target = rename(key)
+        if target is not None:
+            state[target] = tensor.detach().clone()
+    with torch.device("meta"):  # no throw-away random init of a possibly large model
+        exported = stock(config)
+    exported.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (rotary inv_freq, ...) are not in the state dict: take the source's.
+    source_buffers = dict(model.named_buffers())
+    source_of = {rename(k): k for k in source_buffers}
+    for name, buffer in list(exported.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, attr = name.rpartition(".")
+            exported.get_submodule(module_name)._buffers[attr] = source_buffers[source_of[name]].clone()
+    exported.tie_weights()
+    still_meta = [n for n, p in [*exported.named_parameters(), *exported.named_buffers()] if p.is_meta]
+    if still_meta:
+        raise RuntimeError(f"export left tensors without data: {still_meta[:5]}")
+    exported.generation_config = copy.deepcopy(model.generation_config)
+    return exported.eval()
+
+
+class _ForcedState:
+    """A routed layer's view of the shared RoutingState with its own ``force``."""
+
+    def __init__(self, shared, force: str):
+        self._shared = shared
+        self.force = force
+
+    def __getattr__(self, name):
+        return getattr(self._shared, name)
+
+
+@contextmanager
+def forced_layers(model, run: list[int] = (), skip: list[int] = (), ungated: bool = True):
+    """Temporarily force routed layers (by layer index) to run every token or to skip every token.
+
+    With ``ungated`` the forced-run layers use gate 1 (β = 0), which is what an exported dense
+    layer computes. Layers named in neither list route as usual.
+    """
+    by_index = {layer.layer_index: layer for layer in routed_layers(model)}
+    unknown = sorted((set(run) | set(skip)) - set(by_index))
+    if unknown:
+        raise ValueError(f"layers {unknown} are not routed (routed: {sorted(by_index)})")
+    if set(run) & set(skip):
+        raise ValueError(f"layers {sorted(set(run) & set(skip))} are asked to both run and skip")
+    saved = {i: (layer.state, layer.beta) for i, layer in by_index.items()}
+    try:
+        for mode, indices in (("run", run), ("skip", skip)):
+            for i in indices:
+                by_index[i].state = _ForcedState(by_index[i].state, mode)
+                if mode == "run" and ungated:
+                    by_index[i].beta = 0.0
+        yield model
+    finally:
+        for i, (state, beta) in saved.items():
+            by_index[i].state, by_index[i].beta = state, beta
+
+
+def save_export(model, output: str, tokenizer=None, record: dict | None = None, force: bool = False) -> str:
+    """Write ``model`` (+ tokenizer, + ``export.json`` from ``record``) to ``output`` atomically."""
+    output = os.path.abspath(output)
+    check_output(output, force)
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if record is not None:
+            with open(os.path.join(tmp, "export.json"), "w") as fh:
+                json.dump(record, fh, indent=2)
+        if os.path.exists(output):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.old-", dir=parent)
+            os.rename(output, os.path.join(old, "previous"))
+            os.rename(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def check_output(output: str, force: bool):
+    """Refuse an output path that holds something, unless ``force``."""
+    if not os.path.exists(output):
+        return
+    if not os.path.isdir(output):
+        raise FileExistsError(f"output {output!r} exists and is not a directory")
+    if os.listdir(output) and not force:
+        raise FileExistsError(f"output {output!r} exists and is not empty; pass --force (force=True) to replace it")

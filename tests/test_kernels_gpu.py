@@ -1,0 +1,83 @@
+"""Row kernels on CUDA (compiled Triton, not the interpreter) against their torch twins."""
+
+import pytest
+import torch
+
+import dlo_kernels
+from dlo import ops
+from dlo_kernels import reference
+
+pytestmark = pytest.mark.gpu
+
+# Both sides compute in fp32 and round once to the output dtype, so values differ by at most a
+# rounding step; dgate is a length-d fp32 sum whose order differs, so its tolerance grows with d.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+       torch.float16: dict(atol=1e-3, rtol=1e-3)}
+DTYPES = list(TOL)
+# (M = B*T rows, N active, d): up to T=4096 tokens (two sequences) at d=4096.
+SHAPES = [(1, 1, 67), (4096, 0, 130), (4096, 4096, 4096), (8192, 2048, 4096), (8192, 5, 4096), (3000, 1500, 1000)]
+
+
+def _inputs(M, N, d, dtype):
+    index = torch.randperm(M, device="cuda")[:N]
+    h = torch.randn(M, d, device="cuda", dtype=dtype)
+    f = torch.randn(N, d, device="cuda", dtype=dtype)
+    gate = torch.rand(N, device="cuda") * 1.5 - 0.25  # fp32 gate, as the routers produce it
+    return h, f, gate, index
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,d", SHAPES)
+def test_gather(M, N, d, dtype):
+    x, grad, _, index = _inputs(M, N, d, dtype)
+    assert torch.equal(dlo_kernels.gather_rows_forward(x, index), reference.gather_rows(x, index))
+    assert torch.equal(dlo_kernels.gather_rows_backward(grad, index, M),
+                       reference.gather_rows_backward(grad, index, M))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,d", SHAPES)
+def test_combine(M, N, d, dtype):
+    h, f, gate, index = _inputs(M, N, d, dtype)
+    dy = torch.randn_like(h)
+    tol = TOL[dtype]
+    torch.testing.assert_close(dlo_kernels.scatter_combine_forward(h, f, gate, index),
+                               reference.scatter_combine(h, f, gate, index), **tol)
+    got = dlo_kernels.scatter_combine_backward(dy, h, f, gate, index)
+    want = reference.scatter_combine_backward(dy, h, f, gate, index)
+    for name, g, w in zip(("dh", "df"), got, want):
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(got[2], want[2], atol=1e-4 * d**0.5, rtol=1e-4)  # dgate
+
+
+def test_mixed_dtypes_autocast_shape():
+    """fp32 residual h, bf16 layer output f, fp32 gate."""
+    h, _, gate, index = _inputs(4096, 1000, 2048, torch.float32)
+    f = torch.randn(1000, 2048, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(dlo_kernels.scatter_combine_forward(h, f, gate, index),
+                               reference.scatter_combine(h, f, gate, index), atol=1e-5, rtol=1e-5)
+    got = dlo_kernels.scatter_combine_backward(torch.randn_like(h), h, f, gate, index)
+    assert [g.dtype for g in got] == [torch.float32, torch.bfloat16, torch.float32]
+
+
+def test_offsets_past_int32():
+    """M * d > 2**31 elements: row offsets must be computed in int64."""
+    M, d = 2**31 // 4096 + 8, 4096
+    h = torch.randn(M, d, device="cuda", dtype=torch.bfloat16)
+    index = torch.tensor([0, M - 1, M - 5], device="cuda")
+    assert torch.equal(dlo_kernels.gather_rows_forward(h, index), h[index])
+    f = torch.randn(3, d, device="cuda", dtype=torch.bfloat16)
+    gate = torch.ones(3, device="cuda")
+    y = dlo_kernels.scatter_combine_forward(h, f, gate, index)
+    assert torch.equal(y[index], f) and torch.equal(y[1:M - 5], h[1:M - 5])
+
+
+def test_auto_dispatch_uses_triton(monkeypatch):
+    monkeypatch.delenv("DLO_KERNELS", raising=False)
+    h, f, gate, index = _inputs(64, 10, 32, torch.bfloat16)
+    assert ops.kernel_backend(h) == "triton"
+    calls = []
+    real = dlo_kernels.combine.scatter_combine_forward
+    monkeypatch.setattr(dlo_kernels.combine, "scatter_combine_forward", lambda *a: calls.append(1) or real(*a))
+    ops.scatter_combine(h, f, gate, index)
+    assert calls == [1]

@@ -1,0 +1,51 @@
+"""Recipe YAML + key=value overrides."""
+
+import pytest
+
+from dlo.recipe_config import RecipeConfig, apply_overrides, load_recipe_config
+
+BASE = {
+    "output_dir": "runs/x",
+    "model": {"path": "m"},
+    "data": {"train_file": "t.jsonl"},
+    "routing": {"capacity": 0.5},
+    "training": {"max_steps": 10},
+}
+
+
+def test_overrides_reach_sections_and_parse_scalars():
+    raw = apply_overrides(BASE, ["routing.capacity=0.25", "training.max_steps=3", "output_dir=runs/y",
+                                 "training.learning_rate=1e-4", "lora.r=4", "data.eval_file=null"])
+    cfg = RecipeConfig.from_dict(raw)
+    assert cfg.routing.capacity == 0.25
+    assert cfg.training == {"max_steps": 3, "learning_rate": 1e-4}
+    assert cfg.output_dir == "runs/y"
+    assert cfg.lora.r == 4
+    assert cfg.data.eval_file is None
+    assert BASE["routing"]["capacity"] == 0.5  # the input mapping is not mutated
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("routing.capacty=0.3", "unknown config key 'routing.capacty'.*did you mean 'capacity'"),
+        ("model.pth=x", "unknown config key 'model.pth'.*did you mean 'path'"),
+        ("outptu_dir=x", "did you mean 'output_dir'"),
+        ("routing.capacity=2", r"capacity=2: must be in \(0, 1\]"),
+        ("model.dtype=fp8", "model.dtype='fp8'"),
+        ("noequals", "expected key=value"),
+    ],
+)
+def test_bad_keys_and_values_are_named(override, match):
+    with pytest.raises(ValueError, match=match):
+        RecipeConfig.from_dict(apply_overrides(BASE, [override]))
+
+
+def test_bundled_configs_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_recipe_config(str(path))
+        assert cfg.routing is not None and cfg.model.expansion["strategy"] in ("llama-pro", "dus")
