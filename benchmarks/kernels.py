@@ -11,36 +11,18 @@ before each run so bandwidths are DRAM figures. Prints a table and writes --out 
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 from functools import partial
 
-# Run as a script, this folder leads sys.path and this file would shadow the hub package
-# "kernels" that transformers probes for at import: drop the folder before importing it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import common
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-import torch  # noqa: E402
-from transformers import LlamaConfig  # noqa: E402
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # noqa: E402
-
-from dlo import ops  # noqa: E402
+from dlo import ops
 
 CAPACITIES = (1.0, 0.75, 0.5, 0.25, 0.125)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 def make_timer(device: torch.device, repeats: int, warmup: int = 3):
@@ -157,7 +139,8 @@ def main(argv=None):
     copy_out = torch.empty_like(x)
     copy_gbps = 2 * x.numel() * x.element_size() / timed(lambda: copy_out.copy_(x)) / 1e9
 
-    result = dict(device=device_name(device), backend=ops.kernel_backend(x), dtype=str(dtype).removeprefix("torch."),
+    result = dict(device=common.device_name(device), backend=ops.kernel_backend(x),
+                  dtype=str(dtype).removeprefix("torch."),
                   d=args.d, d_ff=d_ff, tokens=args.tokens, repeats=args.repeats, torch=torch.__version__,
                   copy_gbps=copy_gbps, ops=bench_ops(x, timed, copy_gbps), layer=bench_layer(x, timed, d_ff))
 

@@ -6,6 +6,7 @@ Expand depth, route tokens per layer, train routers with the model, skip compute
 from dlo.calibration import calibrate
 from dlo.config import RoutingConfig
 from dlo.expansion import ExpansionPlan, expand_model
+from dlo.export import export_static
 from dlo.losses import router_loss
 from dlo.modeling import attach_routers, forced_routing, load_model, routed_layers, set_capacity
 from dlo.schedules import apply_capacity_schedule
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ExpansionPlan",
     "expand_model",
+    "export_static",
     "RoutingConfig",
     "apply_capacity_schedule",
     "attach_routers",

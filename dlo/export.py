@@ -124,7 +124,9 @@ def export_static(model, min_capacity: float | None = None, num_layers: int | No
     config.num_hidden_layers = len(kept)
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in kept]
+    previous = getattr(config, "dlo_export", None)  # exporting an export: keep the chain
     config.dlo_export = {
+        **({"previous": previous} if previous else {}),
         "source_num_layers": len(layers),
         "kept": kept,
         "dropped": dropped,

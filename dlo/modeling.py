@@ -15,8 +15,9 @@ from contextlib import contextmanager
 import torch
 import transformers
 
+from dlo.cache import RoutedCache
 from dlo.config import RoutingConfig
-from dlo.routing import RoutedDecoderLayer, RoutingState, routed_layer_class
+from dlo.routing import CACHE_KWARGS, RoutedDecoderLayer, RoutingState, routed_layer_class
 
 ATTENTION_FOR_BLOCK = ("sdpa", "eager")
 
@@ -32,7 +33,8 @@ class DloRoutedMixin:
         _install_routers(self, RoutingConfig.from_dict(info["config"]), info["routed_layers"],
                          info["capacities"])
 
-    def forward(self, *args, attention_mask=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, *args, labels=None, **kwargs):
+        # `labels` is named in the signature: HF Trainer looks for it there to compute eval loss.
         state: RoutingState = self._dlo_state
         state.token_mask = attention_mask
         if self.training:
@@ -41,10 +43,31 @@ class DloRoutedMixin:
             state.forward_count += 1
         else:
             state.similarity_due = False
+            use_cache = kwargs.get("use_cache")
+            no_cache = all(kwargs.get(k) is None for k in CACHE_KWARGS)
+            if no_cache and (self.config.use_cache if use_cache is None else use_cache):
+                kwargs["cache"] = self._dlo_new_cache()  # the stock DynamicCache would be wrong for block routing
         try:
-            return super().forward(*args, attention_mask=attention_mask, **kwargs)
+            return super().forward(input_ids, attention_mask, *args, labels=labels, **kwargs)
         finally:
             state.token_mask = None
+
+    def _dlo_new_cache(self):
+        """A RoutedCache when some layer is block-routed, else None (the model makes its stock cache)."""
+        block = [layer.layer_index for layer in routed_layers(self) if layer.granularity == "block"]
+        return RoutedCache(self.config.get_text_config(decoder=True), block) if block else None
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() decodes block-routed models with a RoutedCache (mlp routing: the stock cache)."""
+        if generation_config.use_cache is not False and model_kwargs.get("cache") is None:
+            cache = self._dlo_new_cache()
+            if cache is not None:
+                if generation_config.cache_implementation not in (None, "dynamic"):
+                    raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not "
+                                     "supported with block routing: dlo.RoutedCache is dynamic")
+                model_kwargs["cache"] = cache
+                return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         _sync_config(self)

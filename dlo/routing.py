@@ -21,6 +21,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from dlo import ops
+from dlo.cache import RoutedLayer
 
 # Submodules a decoder layer must have for us to route it.
 REQUIRED_SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -157,7 +158,12 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         chosen = torch.sigmoid(logits) >= self.threshold()
         if valid is not None:
             chosen &= valid
-        idx, active = ops.active_positions(chosen)
+        if T == 1:  # a decode step: one token per row, nothing to pack
+            idx, active = torch.zeros(B, 1, dtype=torch.long, device=device), chosen
+        else:
+            idx, active = ops.active_positions(chosen)
+        if idx.shape[1] == 1 and not bool(active.any()):  # nobody runs: the layer's weights are not touched
+            return None, None, capacity
         return idx, active, capacity
 
     def _record(self, logits, idx, active, valid, capacity, similarity):
@@ -172,9 +178,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
 
     def _forward_block(self, h, attention_mask, position_ids, position_embeddings, kwargs):
         B, T, d = h.shape
-        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
-        if cache is not None and cache.get_seq_length(self.layer_index) > 0:
-            raise NotImplementedError("decoding with a KV cache under block routing needs dlo's routed cache")
+        layer_cache = self._layer_cache(kwargs)
         valid = self.state.valid_tokens(B, T, h.device)
         logits = self.router(h).squeeze(-1).float()  # (B, T)
         idx, active, capacity = self._select(logits, valid)
@@ -184,7 +188,9 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
                 no_cache = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
                 dense = self._dense(h, attention_mask, position_ids, position_embeddings, no_cache)
                 similarity = torch.nn.functional.cosine_similarity(h.float(), dense.float(), dim=-1)
-        if idx is None:  # every token skips: the layer is the identity
+        if idx is None:  # every token skips: the layer is the identity and stores no K/V
+            if layer_cache is not None:
+                layer_cache.skip(B, T, h.device)
             self._record(logits, idx, active, valid, capacity, similarity)
             return h
         K = idx.shape[1]
@@ -192,8 +198,17 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         # Inference batches rows with different counts: their filler slots must not be attended.
         # In training (and forced runs) the only inactive slots are padding, which the model's mask hides.
         key_ok = active if (not self.training and self.state.force is None) else None
-        if K == T:  # everyone is in the batch: no gather, idx is arange(T)
-            mask = attention_mask if key_ok is None else packed_attention_mask(attention_mask, idx, key_ok)
+        # Eval rows list active tokens first, so idx is arange(T) only when all are in (or T == 1).
+        in_order = K == T and (key_ok is None or T == 1)
+        if layer_cache is not None:
+            # Queries attend the tokens this layer stored for their row, the chunk's selected ones included.
+            offset = layer_cache.reserve(idx, active, T)
+            mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset)
+        elif in_order and key_ok is None:
+            mask = attention_mask
+        else:
+            mask = packed_attention_mask(attention_mask, idx, idx, key_ok)
+        if in_order:  # no gather needed
             f = self._dense(h, mask, position_ids, position_embeddings, kwargs)
             y = h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
         else:
@@ -201,12 +216,31 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             h_packed = ops.gather_rows(h.reshape(B * T, d), flat).view(B, K, d)
             pos = _gather_positions(position_ids, idx, B, T)
             pe = _gather_rotary(position_embeddings, idx)
-            mask = packed_attention_mask(attention_mask, idx, key_ok)
             f = self._dense(h_packed, mask, pos, pe, kwargs)  # (B, K, d)
             y = ops.scatter_combine(h.reshape(B * T, d), f.reshape(B * K, d), gate.reshape(-1), flat)
             y = y.view(B, T, d)
         self._record(logits, idx, active, valid, capacity, similarity)
         return y
+
+    def _layer_cache(self, kwargs) -> RoutedLayer | None:
+        """This layer's part of a ``RoutedCache``, or None when there is no routed cache.
+
+        A stock cache gets this layer's packed K/V, which is only harmless while it is empty (one
+        cache-filling forward, e.g. training with use_cache on): decoding from it would be wrong.
+        """
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        if cache is None:
+            return None
+        layer = cache.layers[self.layer_index] if self.layer_index < len(cache.layers) else None
+        if isinstance(layer, RoutedLayer):
+            return layer
+        if cache.get_seq_length(self.layer_index) > 0:
+            raise ValueError(
+                f"a {type(cache).__name__} cannot hold K/V of block-routed layer {self.layer_index} (each layer keeps "
+                "only the tokens it ran); use model.generate(), or start from model(..., use_cache=True) / "
+                "dlo.RoutedCache, which routed models create for you in eval mode"
+            )
+        return None
 
     def _forward_mlp(self, h, attention_mask, position_ids, position_embeddings, kwargs):
         B, T, d = h.shape
@@ -269,32 +303,34 @@ def _gather_rotary(position_embeddings, idx):
     return cos.expand(B, -1, -1).gather(1, index), sin.expand(B, -1, -1).gather(1, index)
 
 
-def packed_attention_mask(full_mask, idx, key_ok):
-    """Attention mask among the packed tokens.
+def packed_attention_mask(full_mask, idx, key_slots, key_ok, offset: int = 0):
+    """Attention mask of packed queries over packed keys.
 
-    full_mask: the model's mask for the whole chunk, (B, 1, T, T) bool (True = attend) or additive
-    float, or None (plain causal attention). idx: (B, K) original positions. key_ok: (B, K) bool,
-    False for slots that are padding or fillers (they must not be attended), or None (all fine).
-    Returns None when the packed batch is plainly causal (idx ascending, nothing masked), else a
-    (B, 1, K, K) mask of the same kind as ``full_mask`` (bool when ``full_mask`` is None).
+    full_mask: the model's mask for the chunk, (B, h, T, offset + T) bool (True = attend) or additive
+    float, its columns indexed by sequence position; or None (plain causal attention).
+    idx: (B, Kq) chunk positions of the queries. key_slots: (B, Kk) sequence positions of the keys
+    (``idx`` itself without a cache). key_ok: (B, Kk) bool, False for keys never to attend (fillers,
+    padding, empty cache slots), or None (all fine). offset: tokens seen before this chunk.
+    Returns None when the packed batch is plainly causal (no cache, nothing masked), else a
+    (B, h, Kq, Kk) mask of the same kind as ``full_mask`` (bool when ``full_mask`` is None).
     """
     if full_mask is None and key_ok is None:
         return None
-    B, K = idx.shape
+    B, Kq = idx.shape
+    Kk = key_slots.shape[1]
     if full_mask is None:
-        allowed = (idx.unsqueeze(1) <= idx.unsqueeze(2)).unsqueeze(1)  # (B, 1, K, K): key pos <= query pos
+        allowed = (key_slots.unsqueeze(1) <= (idx + offset).unsqueeze(2)).unsqueeze(1)  # (B, 1, Kq, Kk)
     else:
-        if full_mask.shape[-1] != full_mask.shape[-2]:
-            raise NotImplementedError("block routing with a KV cache needs dlo's routed cache")
         m = full_mask.expand(B, -1, -1, -1)
         heads = m.shape[1]
-        rows = m.gather(2, idx[:, None, :, None].expand(B, heads, K, m.shape[-1]))  # (B, h, K, T)
-        sub = rows.gather(3, idx[:, None, None, :].expand(B, heads, K, K))  # (B, h, K, K)
+        rows = m.gather(2, idx[:, None, :, None].expand(B, heads, Kq, m.shape[-1]))  # (B, h, Kq, S)
+        sub = rows.gather(3, key_slots[:, None, None, :].expand(B, heads, Kq, Kk))  # (B, h, Kq, Kk)
         allowed = sub if sub.dtype == torch.bool else sub == 0
     if key_ok is not None:
         allowed = allowed & key_ok[:, None, None, :]
-    # A query that may attend nothing (padding, filler) would produce NaN; let it see itself.
-    allowed = allowed | torch.eye(K, dtype=torch.bool, device=idx.device)
+    # A query that may attend nothing (padding, filler) gets NaN from some kernels; let it see key 0 (a
+    # finite vector: zeros or a filler's key). Its output is discarded by a zero gate.
+    allowed[..., 0] |= ~allowed.any(-1)
     if full_mask is None or full_mask.dtype == torch.bool:
         return allowed
     return torch.where(allowed, 0.0, torch.finfo(full_mask.dtype).min).to(full_mask.dtype)

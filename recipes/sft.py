@@ -18,6 +18,7 @@ import sys
 
 import torch
 import yaml
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -37,8 +38,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def check_output_dir(cfg: RecipeConfig, resume: bool, is_main: bool):
-    """Refuse to mix two runs in one directory; record this run's config there."""
+def check_output_dir(cfg: RecipeConfig, resume: bool):
+    """Refuse to mix two runs in one directory (every rank checks before anyone writes)."""
     path = os.path.join(cfg.output_dir, RUN_CONFIG_FILE)
     if os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir) and not resume:
         found = "a dlo run" if os.path.isfile(path) else "other files"
@@ -48,10 +49,12 @@ def check_output_dir(cfg: RecipeConfig, resume: bool, is_main: bool):
         )
     if resume and not os.path.isfile(path):
         raise ValueError(f"resume=true but {cfg.output_dir!r} holds no dlo run to resume")
-    if is_main and not resume:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(path, "w") as fh:
-            yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+def record_run_config(cfg: RecipeConfig):
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, RUN_CONFIG_FILE), "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
 
 
 def expansion_plan(spec: dict, num_layers: int):
@@ -126,7 +129,7 @@ def main(argv=None):
     resume = any(o in ("resume=true", "resume=True", "resume=1") for o in args.overrides)
     cfg = load_recipe_config(args.config, overrides)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    check_output_dir(cfg, resume, is_main)
+    check_output_dir(cfg, resume)
     set_seed(cfg.seed)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tb"))
 
@@ -144,8 +147,12 @@ def main(argv=None):
     if cfg.lora is not None:
         model = add_lora(model, cfg)
 
-    training = {"report_to": ["tensorboard"], "save_strategy": "steps", **cfg.training}
+    training = {"report_to": ["tensorboard"], "save_strategy": "steps", "ddp_find_unused_parameters": False,
+                **cfg.training}
     targs = TrainingArguments(output_dir=cfg.output_dir, seed=cfg.seed, remove_unused_columns=False, **training)
+    PartialState().wait_for_everyone()  # every rank has checked output_dir before the main one writes there
+    if is_main and not resume:
+        record_run_config(cfg)
     trainer = DloTrainer(model=model, args=targs, train_dataset=train, eval_dataset=evaluation,
                          data_collator=collator, processing_class=tokenizer, flops_fn=_flops_ratio())
     trainer.add_callback(CapacityImageCallback(trainer, os.environ["TENSORBOARD_LOGGING_DIR"],

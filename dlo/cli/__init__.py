@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # Subcommand name -> module under dlo.cli that implements it.
-COMMANDS = {"expand": "expand"}
+COMMANDS = {"expand": "expand", "report": "report", "export": "export", "generate": "generate"}
 
 
 def main(argv=None):

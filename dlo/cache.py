@@ -1,0 +1,166 @@
+"""KV cache for block-routed models (DESIGN.md §2.5).
+
+A block-routed layer runs only the tokens its router selects, so it must keep keys/values of
+those tokens only: per layer and per row the stored lengths differ. ``RoutedCache`` is a
+``DynamicCache`` whose block-routed layers are ``RoutedLayer``s; the other layers are stock.
+
+A ``RoutedLayer`` keeps, per row, the tokens it ran packed to the left and padded to the longest
+row: keys/values (B, H, L, D), ``valid`` (B, L) (slot holds a token) and ``slots`` (B, L) (the
+token's index in the sequence, i.e. its column in the model's 2-D attention mask), so a query
+knows which stored keys precede it. ``get_seq_length()`` reports tokens *seen*, since positions
+and the model's masks derive from it; ``lengths`` (B,) is what the layer stored.
+
+Protocol with the routed layer, per forward: ``skip(B, T)`` when no token of the chunk runs;
+else ``reserve(idx, active, T)`` books places for the selected tokens before attention runs (so
+the mask can cover them), and attention's ``update(k, v)`` writes their keys/values there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class RoutedLayer(DynamicLayer):
+    """Cache of one block-routed layer: K/V of the tokens it ran, per row, padded to the longest row."""
+
+    is_croppable = False  # rolling back would need the per-row history of what each step stored
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._clear()
+
+    def _clear(self):
+        self.seen = 0  # tokens of the sequence seen so far, run or skipped
+        self.lengths: torch.Tensor | None = None  # (B,) tokens stored per row
+        self.valid: torch.Tensor | None = None  # (B, L) bool: slot holds a token
+        self.slots: torch.Tensor | None = None  # (B, L) long: sequence index of the stored token
+        self._places: torch.Tensor | None = None  # (B, K) columns booked for the next update
+
+    # ---- what the model reads -----------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The model's mask spans every token seen (columns = sequence index), not what is stored.
+        return self.seen + query_length, 0
+
+    # ---- what the routed layer calls ----------------------------------------------------
+    def skip(self, batch: int, seq_len: int, device):
+        """No token of this chunk runs the layer: nothing is stored."""
+        self._ensure_rows(batch, device)
+        self.seen += seq_len
+
+    def reserve(self, idx: torch.Tensor, active: torch.Tensor, seq_len: int) -> int:
+        """Book columns for the packed tokens of a chunk of ``seq_len``; returns the chunk's sequence offset.
+
+        idx: (B, K) chunk positions of the packed tokens; active: (B, K) bool, False for fillers and
+        padding. Active tokens go right after the row's stored ones, in their packed order; the
+        others land beyond the row's new length, in columns marked invalid, so they clobber nothing.
+        """
+        B, K = idx.shape
+        offset = self.seen
+        self._ensure_rows(B, idx.device)
+        count = active.sum(1, keepdim=True)  # (B, 1)
+        rank = torch.where(active, active.cumsum(1) - 1, count + (~active).cumsum(1) - 1)  # (B, K): actives first
+        places = self.lengths.unsqueeze(1) + rank  # (B, K)
+        width = self.valid.shape[1] + K  # room for every booked column, fillers included
+        self.valid = _pad_columns(self.valid, width, False).scatter(1, places, active)
+        self.slots = _pad_columns(self.slots, width, 0).scatter(1, places, idx + offset)
+        self.lengths = self.lengths + count.squeeze(1)
+        longest = int(self.lengths.max())  # host sync (inference only): trims storage to the longest row
+        self.valid, self.slots = self.valid[:, :longest], self.slots[:, :longest]
+        self._places = places
+        self.seen += seq_len
+        return offset
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the booked tokens' K/V (B, H, K, D); return the layer's stored K/V (B, H, L, D)."""
+        if self._places is None:
+            raise RuntimeError("RoutedLayer.update without reserve(): block-routed layers book their tokens first")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = _write(self.keys, key_states, self._places, self.valid.shape[1])
+        self.values = _write(self.values, value_states, self._places, self.valid.shape[1])
+        self._places = None
+        return self.keys, self.values
+
+    # ---- transformers' cache interface --------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.device = key_states.device
+        self.keys = key_states.new_zeros(B, H, 0, D)
+        self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    def reset(self) -> None:
+        super().reset()
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a block-routed cache cannot be cropped (assisted/speculative decoding)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.lengths is not None:
+            rows = torch.arange(self.lengths.shape[0], device=self.lengths.device)  # (B,)
+            self._select_rows(rows.repeat_interleave(repeats))
+
+    def _select_rows(self, rows: torch.Tensor):
+        if self.lengths is None:
+            return
+        rows = rows.to(self.lengths.device)
+        self.lengths, self.valid, self.slots = self.lengths[rows], self.valid[rows], self.slots[rows]
+        if self.is_initialized:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+
+    def _ensure_rows(self, batch: int, device):
+        if self.lengths is None:
+            self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+            self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+            self.slots = torch.zeros(batch, 0, dtype=torch.long, device=device)
+
+
+def _pad_columns(x: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """(B, L) -> (B, width), new columns set to ``fill``."""
+    return torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), fill)], dim=1)
+
+
+def _write(store: torch.Tensor, new: torch.Tensor, places: torch.Tensor, length: int) -> torch.Tensor:
+    """store (B, H, L, D), new (B, H, K, D), places (B, K) -> (B, H, length, D) with new written at places."""
+    B, H, K, D = new.shape
+    width = store.shape[2] + K  # every booked column fits (places < old length + K)
+    grown = torch.cat([store, store.new_zeros(B, H, width - store.shape[2], D)], dim=2)
+    grown.scatter_(2, places[:, None, :, None].expand(B, H, K, D), new)
+    return grown[:, :, :length]
+
+
+class RoutedCache(DynamicCache):
+    """``DynamicCache`` in which the given block-routed layers keep only the tokens they ran."""
+
+    def __init__(self, config, routed_layers: Iterable[int]):
+        super().__init__(config=config)
+        for i in routed_layers:
+            if type(self.layers[i]) is not DynamicLayer:
+                raise NotImplementedError(
+                    f"layer {i} uses a {type(self.layers[i]).__name__} cache (e.g. sliding-window attention); "
+                    "block routing supports full-attention layers only"
+                )
+            self.layers[i] = RoutedLayer()
+
+    def stored_lengths(self, layer_idx: int) -> torch.Tensor | None:
+        """(B,) tokens each row stored at ``layer_idx`` (None before the first forward)."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, RoutedLayer):
+            return layer.lengths
+        if layer.get_seq_length() == 0:
+            return None
+        keys = layer.keys
+        return torch.full((keys.shape[0],), keys.shape[-2], dtype=torch.long, device=keys.device)

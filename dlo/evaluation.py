@@ -1,0 +1,225 @@
+"""Evaluation data and one instrumented pass over it (shared by ``dlo report`` and ``dlo export``).
+
+Data: JSONL, one record a line, one of
+- ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's chat template; the
+  loss counts the assistant turns only (every token when there is no assistant turn);
+- ``{"prompt": ..., "completion": ...}``: the loss counts the completion and EOS;
+- ``{"text": ...}``: every next-token prediction counts.
+These are the SFT data conventions (dlo/data.py), so eval losses compare with training's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dlo.modeling import decoder_layers, routed_layers
+
+IGNORE = -100
+
+
+def read_jsonl(path: str, max_samples: int | None = None) -> list[dict]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    records = []
+    with open(path) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict) or not any(k in record for k in ("messages", "text", "prompt")):
+                raise ValueError(f"{path}:{line_no}: a record needs 'messages', 'text', or 'prompt' and 'completion'")
+            records.append(record)
+            if max_samples is not None and len(records) >= max_samples:
+                break
+    if not records:
+        raise ValueError(f"data file {path!r} holds no records")
+    return records
+
+
+def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_assistant_reply) pieces, in order.
+
+    Each cut is where the rendering of a shorter conversation ends, so the pieces concatenate to
+    the full rendering and tokenising them one by one splits reply tokens from the rest exactly.
+    """
+    def render(msgs, prompt):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt) if msgs else ""
+
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before, after = render(messages[:i], True), render(messages[:i + 1], False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise ValueError("the chat template does not render conversations as prefixes of longer ones; "
+                             "cannot separate the assistant's tokens")
+        pieces += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    full = render(messages, False)
+    if not full.startswith(done):
+        raise ValueError("the chat template renders the conversation inconsistently; cannot find the replies")
+    pieces.append((full[len(done):], False))
+    return [(text, reply) for text, reply in pieces if text]
+
+
+def encode(record: dict, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and loss labels (IGNORE where no loss) of one record, truncated to ``max_length``."""
+    if "messages" in record:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("chat records ('messages') need a tokenizer with a chat template")
+        segments = _chat_segments(tokenizer, record["messages"])
+        counts_all = not any(reply for _, reply in segments)  # no assistant turn: score the whole text
+        ids, labels = [], []
+        for text, reply in segments:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if (reply or counts_all) else [IGNORE] * len(piece)
+    elif "prompt" in record:
+        prompt = tokenizer(record["prompt"])["input_ids"]
+        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            completion.append(tokenizer.eos_token_id)
+        ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
+    else:
+        ids = tokenizer(record["text"])["input_ids"]
+        labels = list(ids)
+    return ids[:max_length], labels[:max_length]
+
+
+def make_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> list[dict]:
+    """Right-padded batches of input_ids, attention_mask and labels (IGNORE on padding)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        T = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), T), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for row, (i, lab) in enumerate(chunk):
+            ids[row, :len(i)] = torch.tensor(i)
+            labels[row, :len(lab)] = torch.tensor(lab)
+            mask[row, :len(i)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def load_batches(path: str, tokenizer, batch_size: int, max_length: int, max_samples: int | None = None):
+    records = read_jsonl(path, max_samples)
+    encoded = [encode(r, tokenizer, max_length) for r in records]
+    encoded = [e for e in encoded if e[0]]
+    if not encoded:
+        raise ValueError(f"{path}: every record tokenises to nothing")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return make_batches(encoded, batch_size, pad_id)
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean next-token NLL over counted tokens
+    tokens: int  # tokens that entered the model (not padding)
+    loss_tokens: int  # predictions the loss counts
+    mean_seq_len: float
+    # Per routed layer, keyed by layer index:
+    capacity: dict[int, float] = field(default_factory=dict)  # share of valid tokens that ran
+    mean_score: dict[int, float] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # sampled router scores (for plots)
+    # Per decoder layer: mean cos(h_in, h_out) over valid tokens (1 = the layer changes nothing).
+    similarity: list[float] = field(default_factory=list)
+    # (layers, T) bool run/skip of the first sequences, with their token ids.
+    examples: list[dict] = field(default_factory=list)
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped so a diverged model reports a finite number
+
+
+def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token NLL and number of counted predictions."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                          ignore_index=IGNORE, reduction="sum")
+    return nll, (shift_labels != IGNORE).sum()
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], num_examples: int = 0, max_scores: int = 20000,
+             progress: bool = True, desc: str = "evaluating") -> EvalResult:
+    """Loss and routing statistics of ``model`` (eval mode, causal thresholds) over ``batches``."""
+    device = next(model.parameters()).device
+    layers = list(decoder_layers(model))
+    routed = routed_layers(model)
+    sim_sum = torch.zeros(len(layers), dtype=torch.float64)
+    valid_now: dict[str, torch.Tensor] = {}
+
+    def similarity_hook(index):
+        def hook(module, args, kwargs, output):
+            h = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            cos = F.cosine_similarity(h.float(), y.float(), dim=-1)
+            sim_sum[index] += float((cos * valid_now["mask"]).sum())
+        return hook
+
+    handles = [layer.register_forward_hook(similarity_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    selected = {layer.layer_index: 0 for layer in routed}
+    score_sum = {layer.layer_index: 0.0 for layer in routed}
+    scores: dict[int, list[torch.Tensor]] = {layer.layer_index: [] for layer in routed}
+    nll_total, counted, tokens, sequences, examples = 0.0, 0, 0, 0, []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc=desc, disable=not progress):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            mask = batch["attention_mask"].bool()
+            valid_now["mask"] = mask.float()
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            nll, n = _token_nll(logits, batch["labels"])
+            nll_total += float(nll)
+            counted += int(n)
+            tokens += int(mask.sum())
+            sequences += mask.shape[0]
+            for layer in routed:
+                record, i = layer.last, layer.layer_index
+                selected[i] += int((record.selected & record.valid).sum())
+                s = torch.sigmoid(record.logits)[record.valid].float().cpu()
+                score_sum[i] += float(s.sum())
+                if sum(x.numel() for x in scores[i]) < max_scores:
+                    scores[i].append(s)
+            for row in range(mask.shape[0]):
+                if len(examples) >= num_examples:
+                    break
+                length = int(mask[row].sum())
+                run = torch.ones(len(layers), length, dtype=torch.bool)
+                for layer in routed:
+                    run[layer.layer_index] = layer.last.selected[row, :length].cpu()
+                examples.append({"input_ids": batch["input_ids"][row, :length].tolist(), "run": run})
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if counted == 0:
+        raise ValueError("no token carries a loss label (every record truncated to its prompt?)")
+    return EvalResult(
+        loss=nll_total / counted, tokens=tokens, loss_tokens=counted, mean_seq_len=tokens / sequences,
+        capacity={i: selected[i] / tokens for i in selected},
+        mean_score={i: score_sum[i] / tokens for i in score_sum},
+        scores={i: torch.cat(v)[:max_scores] if v else torch.empty(0) for i, v in scores.items()},
+        similarity=(sim_sum / tokens).tolist(),
+        examples=examples,
+    )

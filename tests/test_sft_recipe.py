@@ -1,0 +1,155 @@
+"""recipes/sft.py end to end on the bundled tiny default (1 and 2 CPU processes)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import dlo
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "recipes" / "configs" / "tiny.yaml"
+SMALL = [
+    "training.per_device_train_batch_size=4",
+    "training.logging_steps=2",
+    "training.save_steps=4",
+    "training.learning_rate=3e-3",
+    "routing.anneal_steps=4",
+    "data.max_length=64",
+    "data.max_train_samples=256",
+    "data.max_eval_samples=16",
+    "calibration_samples=16",
+]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("TENSORBOARD_LOGGING_DIR", None)
+    return env
+
+
+def run_recipe(out, *overrides, processes=1, check=True):
+    args = [f"output_dir={out}", *SMALL, *overrides]
+    if processes == 1:
+        cmd = [sys.executable, str(ROOT / "recipes/sft.py"), "--config", str(CONFIG), *args]
+        env = _env()
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29533", str(ROOT / "recipes/sft.py"), "--config", str(CONFIG), *args]
+        env = dict(_env(), ACCELERATE_USE_CPU="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def tensorboard_scalars(tb_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for events in tb_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return scalars
+
+
+def test_single_process_trains_logs_and_saves(tmp_path):
+    out = tmp_path / "run"
+    run_recipe(out, "training.max_steps=24")
+    final = out / "final"
+    summary = json.loads((final / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["eval_loss"] > 0
+    scalars = tensorboard_scalars(out / "tb")
+    task = scalars["train/task_loss"]
+    assert task[-1] < task[0], task  # the loss falls
+    for tag in ("train/router_loss", "train/tokens_per_second", "train/routing/mean_capacity",
+                "train/routing/capacity/layer_3", "train/routing/agreement/layer_7"):
+        assert tag in scalars, sorted(scalars)
+    model = dlo.load_model(str(final))
+    layers = dlo.routed_layers(model)
+    assert [layer.layer_index for layer in layers] == [3, 7]
+    for layer in layers:  # routers left their zero init; thresholds were calibrated
+        assert layer.router.weight.abs().sum() > 0
+    for row in summary["layers"]:
+        assert 0.0 < row["realised_capacity"] <= 1.0
+
+
+def test_two_cpu_processes_agree(tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_recipe(out, "training.max_steps=6", "training.per_device_train_batch_size=2", processes=2)
+    assert "dlo sft summary" in proc.stdout
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    assert weights["model.layers.3.router.weight"].abs().sum() > 0
+    state = json.loads((out / "checkpoint-4" / "dlo_routing_state.json").read_text())
+    assert len(state["score_quantiles"]) == 2
+
+
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
+    steps = ["training.max_steps=10", "training.save_steps=100", "routing.similarity_every=2"]
+    run_recipe(tmp_path / "straight", *steps)
+
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, str(ROOT / "recipes/sft.py"), "--config", str(CONFIG), f"output_dir={out}", *SMALL,
+           *steps]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # the first training log line (step 2) means the run is mid-way
+        seen.append(line)
+        if "'task_loss'" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout = "".join(seen) + proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "Resume with" in stdout, stdout[-2000:]
+    assert not (out / "final").exists()
+    run_recipe(out, *steps, "resume=true")
+
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_lora_with_routers_saves_and_merges(tmp_path):
+    out = tmp_path / "lora"
+    run_recipe(out, "training.max_steps=6", "lora.r=4", "lora.alpha=8")
+    final = out / "final"
+    weights = load_file(str(final / "model.safetensors"))
+    assert not any("lora_" in k or "modules_to_save" in k for k in weights)
+    assert weights["model.layers.3.router.weight"].abs().sum() > 0
+    base = load_file(str(ROOT / "assets/tiny/base/model.safetensors"))
+    # Layer 0 of the expanded model is base layer 0; merged adapters changed it.
+    assert not torch.equal(weights["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])
+    model = dlo.load_model(str(final))
+    assert len(dlo.routed_layers(model)) == 2
+
+
+def test_clear_errors(tmp_path):
+    bad_key = run_recipe(tmp_path / "a", "routing.capacty=0.3", check=False)
+    assert bad_key.returncode != 0 and "did you mean 'capacity'" in bad_key.stderr
+
+    no_answer = tmp_path / "noanswer.jsonl"
+    no_answer.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    proc = run_recipe(tmp_path / "b", f"data.train_file={no_answer}", "data.eval_file=null", check=False)
+    assert proc.returncode != 0 and "no trainable tokens" in proc.stderr
+
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"text": "hello"}) + "\n")
+    proc = run_recipe(tmp_path / "c", f"data.train_file={missing}", "data.eval_file=null", check=False)
+    assert proc.returncode != 0 and "'messages' column" in proc.stderr
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "something.txt").write_text("another run")
+    proc = run_recipe(taken, check=False)
+    assert proc.returncode != 0 and "already holds" in proc.stderr
