@@ -7,7 +7,6 @@ the tracked score quantiles (inference thresholds) and, for ``cos-global``, per-
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 from dlo.distributed import all_reduce_mean
 from dlo.modeling import routed_layers
-from dlo.routing import NUM_QUANTILES, RouterRecord
+from dlo.routing import NUM_QUANTILES, RouterRecord, row_budget, static_budget
 
 
 @dataclass
@@ -44,13 +43,13 @@ def masked_quantiles(values: torch.Tensor, valid: torch.Tensor, levels: torch.Te
 
 
 def cos_labels(record: RouterRecord) -> torch.Tensor:
-    """Per sequence, the k = ceil(c * T) valid tokens of lowest similarity are labelled 'run'."""
+    """Per sequence, the k = ceil(c * n) of its n valid tokens with the lowest similarity are labelled 'run'."""
     B, T = record.similarity.shape
-    k = min(T, math.ceil(record.capacity * T))
     ranked = record.similarity.masked_fill(~record.valid, float("inf"))
-    order = torch.sort(ranked, dim=1, stable=True).indices[:, :k]
+    order = torch.sort(ranked, dim=1, stable=True).indices[:, :static_budget(record.capacity, T)]
+    by_rank = torch.arange(order.shape[1], device=ranked.device) < row_budget(record.capacity, record.valid)[:, None]
     labels = torch.zeros(B, T, dtype=torch.bool, device=ranked.device)
-    labels.scatter_(1, order, True)
+    labels.scatter_(1, order, by_rank)
     return labels & record.valid
 
 

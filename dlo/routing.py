@@ -4,11 +4,11 @@ A ``RoutedDecoderLayer`` wraps a stock HF decoder layer (Llama, Mistral, Qwen2: 
 attention + MLP). It registers the stock layer's own submodules under their own names, so
 checkpoint keys stay ``model.layers.{i}.self_attn...``; the only new keys are the router's.
 
-Training selects, per sequence, the top-k tokens by router score (k = ceil(c * T): static
-shapes, no host sync, ties broken by position). Inference selects causally: a token runs
-when its score reaches the layer's calibrated threshold. Selected tokens are gathered into a
-packed (B, K, d) batch, the layer runs on that batch with the tokens' original positions, and
-the result is combined back:  y = h + g * (F(h) - h),  g = 1 + beta * (score - 1/2).
+Training selects, per sequence, the top-k tokens by router score (k = ceil(c * n) of the row's
+n valid tokens, inside a static (B, ceil(c * T)) index: no host sync, ties broken by position).
+Inference selects causally: a token runs when its score reaches the layer's calibrated threshold.
+Selected tokens are gathered into a packed (B, K, d) batch, the layer runs on that batch with the
+tokens' original positions, and the result is combined back:  y = h + g * (F(h) - h),  g = 1 + beta * (score - 1/2).
 """
 
 from __future__ import annotations
@@ -58,6 +58,16 @@ class RoutingState:
             return None
         mask = self.token_mask[:, -seq_len:].to(device=device, dtype=torch.bool)
         return mask.expand(batch, seq_len)
+
+
+def static_budget(capacity: float, seq_len: int) -> int:
+    """K = ceil(c * T): the packed width in training, the same for every row (static shapes)."""
+    return min(seq_len, math.ceil(capacity * seq_len))
+
+
+def row_budget(capacity: float, valid: torch.Tensor) -> torch.Tensor:
+    """k_b = ceil(c * n_b) per row of ``valid`` (B, T) bool, n_b its valid tokens: (B,) long, no host sync."""
+    return torch.ceil(valid.sum(1, dtype=torch.float64) * capacity).long()
 
 
 class RoutedDecoderLayer(GradientCheckpointingLayer):
@@ -148,13 +158,15 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         if force == "skip":
             return None, None, capacity
         if self.training:
-            k = min(T, math.ceil(capacity * T))
             ranked = logits if valid is None else logits.masked_fill(~valid, float("-inf"))
             # Stable descending sort: equal scores keep position order, so ties go to the earlier token.
-            order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
-            idx = torch.sort(order, dim=1).values  # (B, k) ascending: packed order stays causal
-            active = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.gather(1, idx)
-            return idx, active, capacity
+            order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :static_budget(capacity, T)]
+            idx, perm = torch.sort(order, dim=1)  # (B, K) ascending: packed order stays causal
+            if valid is None:
+                return idx, torch.ones_like(idx, dtype=torch.bool), capacity
+            # A padded row runs ceil(c * n) of its n valid tokens: padding neither runs nor counts.
+            by_rank = torch.arange(order.shape[1], device=device) < row_budget(capacity, valid).unsqueeze(1)
+            return idx, by_rank.gather(1, perm), capacity
         chosen = torch.sigmoid(logits) >= self.threshold()
         if valid is not None:
             chosen &= valid
@@ -195,9 +207,9 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             return h
         K = idx.shape[1]
         gate = (1.0 + self.beta * (torch.sigmoid(logits.gather(1, idx)) - 0.5)) * active  # (B, K)
-        # Inference batches rows with different counts: their filler slots must not be attended.
-        # In training (and forced runs) the only inactive slots are padding, which the model's mask hides.
-        key_ok = active if (not self.training and self.state.force is None) else None
+        # Slots that do not run must not be attended: filler in inference rows with different counts, and
+        # over-budget tokens of padded training rows. Forced runs leave only padding, which the model's mask hides.
+        key_ok = None if self.state.force is not None or (self.training and valid is None) else active
         # Eval rows list active tokens first, so idx is arange(T) only when all are in (or T == 1).
         in_order = K == T and (key_ok is None or T == 1)
         if layer_cache is not None:

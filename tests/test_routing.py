@@ -98,7 +98,7 @@ def _reference_block_layer(stock, rotary, h, valid, router, beta, capacity, thre
         logits = router(h[b]).squeeze(-1).float()
         scores = torch.sigmoid(logits)
         if training:
-            k = min(T, math.ceil(capacity * T))
+            k = math.ceil(capacity * len(pos))  # of the row's valid tokens: padding neither runs nor counts
             ranked = sorted(pos.tolist(), key=lambda t: (-logits[t].item(), t))  # ties -> earlier token
             chosen = sorted(ranked[:k])
         else:
@@ -150,9 +150,10 @@ def test_padding_never_selected_and_ties_go_to_earlier_tokens(base):
         model(ids, attention_mask=mask)
     record = dlo.routed_layers(model)[0].last
     assert not (record.selected & ~mask.bool()).any()
-    # Zero-initialised router: every score ties, so the first k valid tokens run.
+    # Zero-initialised router: every score ties, so the first ceil(0.5 * n) of a row's n valid tokens run:
+    # 4 of 8 in the full row, 3 of 6 in the padded one (padding does not count towards the budget).
     assert record.selected[0].tolist() == [True] * 4 + [False] * 4
-    assert record.selected[1].tolist() == [False, False, True, True, True, True, False, False]
+    assert record.selected[1].tolist() == [False, False, True, True, True, False, False, False]
 
 
 @pytest.mark.parametrize("granularity", ["block", "mlp"])

@@ -63,7 +63,7 @@ def tensorboard_scalars(tb_dir: Path) -> dict[str, list[float]]:
 
 def test_single_process_trains_logs_and_saves(tmp_path):
     out = tmp_path / "run"
-    run_recipe(out, "training.max_steps=24")
+    run_recipe(out, "training.max_steps=24", "data.max_eval_samples=64", "calibration_samples=64")
     final = out / "final"
     summary = json.loads((final / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["eval_loss"] > 0
@@ -78,8 +78,11 @@ def test_single_process_trains_logs_and_saves(tmp_path):
     assert [layer.layer_index for layer in layers] == [3, 7]
     for layer in layers:  # routers left their zero init; thresholds were calibrated
         assert layer.router.weight.abs().sum() > 0
+    # Thresholds calibrated on training text give the target capacity on held-out text (cos-global moves the
+    # per-layer targets, so each layer is held to its own).
     for row in summary["layers"]:
-        assert 0.0 < row["realised_capacity"] <= 1.0
+        assert abs(row["realised_capacity"] - row["target_capacity"]) <= 0.03, summary["layers"]
+    assert abs(sum(row["target_capacity"] for row in summary["layers"]) / 2 - 0.5) < 1e-3
 
 
 def test_two_cpu_processes_agree(tmp_path):

@@ -6,10 +6,6 @@ import torch
 
 from dlo.cli.common import add_model_arguments, load_model_and_tokenizer, resolve_device
 
-# Block routing keeps K/V only for the tokens a layer ran: decoding with a cache needs dlo's routed
-# KV cache (dlo/cache.py, in progress). Until it lands, block-routed models decode cache-free.
-BLOCK_ROUTED_CACHE_READY = False
-
 
 def add_parser(subparsers):
     p = subparsers.add_parser("generate", help="Generate a completion; shows how many layers each token ran.",
@@ -45,12 +41,11 @@ def run(args):
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     ids = ids.to(device)
     torch.manual_seed(args.seed)
-    use_cache = granularity != "block" or BLOCK_ROUTED_CACHE_READY
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             use_cache=use_cache, pad_token_id=pad, **sampling)
+                             use_cache=True, pad_token_id=pad, **sampling)
     new = out[0, ids.shape[1]:]
     print(tokenizer.decode(new, skip_special_tokens=True))
     if routed and new.numel():
@@ -70,7 +65,7 @@ def layer_shares(model, sequence: torch.Tensor, prompt_len: int, num_layers: int
     runs = unrouted + sum(layer.last.selected[0, prompt_len:].long() for layer in routed)
     what = "layers" if granularity == "block" else "MLPs (attention always runs with mlp routing)"
     lines = [f"{what} run per generated token (of {num_layers}; {len(routed)} routed):"]
-    tokens = tokenizer.convert_ids_to_tokens(sequence[0, prompt_len:].tolist())
+    tokens = [tokenizer.decode([i]) for i in sequence[0, prompt_len:].tolist()]  # readable text, not BPE symbols
     for token, n in zip(tokens, runs.tolist()):
         lines.append(f"  {token!r:>16}  {n:>3}/{num_layers}  {n / num_layers:6.1%}")
     lines.append(f"  mean share: {runs.float().mean().item() / num_layers:.1%}")
