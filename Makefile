@@ -43,6 +43,13 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
+# Routed vs dense on this machine (tables on stdout, JSON in runs/bench); about 30 minutes on 2 CPU cores.
+bench: setup
+	mkdir -p runs/bench
+	$(BIN)/python benchmarks/layer.py --profile 0.5 0.25 --out runs/bench/layer.json
+	$(BIN)/python benchmarks/model.py --out runs/bench/model.json
+	$(BIN)/python benchmarks/decode.py --out runs/bench/decode.json
+
 lint: setup
 	$(BIN)/ruff check .
 

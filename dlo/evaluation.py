@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dlo.data import IGNORE_INDEX as IGNORE
+from dlo.data import tokenize_record
 from dlo.modeling import decoder_layers, routed_layers
-
-IGNORE = -100
 
 
 def read_jsonl(path: str, max_samples: int | None = None) -> list[dict]:
@@ -46,54 +46,23 @@ def read_jsonl(path: str, max_samples: int | None = None) -> list[dict]:
     return records
 
 
-def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, is_assistant_reply) pieces, in order.
-
-    Each cut is where the rendering of a shorter conversation ends, so the pieces concatenate to
-    the full rendering and tokenising them one by one splits reply tokens from the rest exactly.
-    """
-    def render(msgs, prompt):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt) if msgs else ""
-
-    pieces, done = [], ""
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        before, after = render(messages[:i], True), render(messages[:i + 1], False)
-        if not (before.startswith(done) and after.startswith(before)):
-            raise ValueError("the chat template does not render conversations as prefixes of longer ones; "
-                             "cannot separate the assistant's tokens")
-        pieces += [(before[len(done):], False), (after[len(before):], True)]
-        done = after
-    full = render(messages, False)
-    if not full.startswith(done):
-        raise ValueError("the chat template renders the conversation inconsistently; cannot find the replies")
-    pieces.append((full[len(done):], False))
-    return [(text, reply) for text, reply in pieces if text]
-
-
 def encode(record: dict, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and loss labels (IGNORE where no loss) of one record, truncated to ``max_length``."""
-    if "messages" in record:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("chat records ('messages') need a tokenizer with a chat template")
-        segments = _chat_segments(tokenizer, record["messages"])
-        counts_all = not any(reply for _, reply in segments)  # no assistant turn: score the whole text
-        ids, labels = [], []
-        for text, reply in segments:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece
-            labels += piece if (reply or counts_all) else [IGNORE] * len(piece)
+    """Token ids and loss labels (IGNORE where no loss) of one record, truncated to ``max_length``.
+
+    Chat and prompt/completion records go through the SFT tokenisation itself (dlo/data.py).
+    """
+    if "messages" in record and any(m.get("role") == "assistant" for m in record["messages"]):
+        example = tokenize_record(tokenizer, record, "messages", max_length)
     elif "prompt" in record:
-        prompt = tokenizer(record["prompt"])["input_ids"]
-        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            completion.append(tokenizer.eos_token_id)
-        ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
-    else:
-        ids = tokenizer(record["text"])["input_ids"]
-        labels = list(ids)
-    return ids[:max_length], labels[:max_length]
+        example = tokenize_record(tokenizer, record, "prompt_completion", max_length)
+    else:  # plain text, or a conversation without a reply to score: every prediction counts
+        if "messages" in record:
+            text, special = tokenizer.apply_chat_template(record["messages"], tokenize=False), False
+        else:
+            text, special = record["text"], True
+        ids = tokenizer(text, add_special_tokens=special)["input_ids"][:max_length]
+        example = {"input_ids": ids, "labels": list(ids)}
+    return example["input_ids"], example["labels"]
 
 
 def make_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> list[dict]:
