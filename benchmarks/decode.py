@@ -118,10 +118,13 @@ def main(argv=None):
     p.add_argument("--routed", default="all", help="random model: 'all' or comma-separated layer indices")
     p.add_argument("--capacity", type=float, default=0.5, help="random model: target share of tokens that run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="benchmark_decode.json")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     routed, base = saved_models(args.model, dtype) if args.model else random_models(args, dtype)
     routed.to(device)
