@@ -33,8 +33,8 @@ demo: setup
 	@echo "== 3/5 report: capacity, FLOPs and wall-clock per layer =="
 	$(BIN)/dlo report --model $(DEMO)/sft/final --data assets/tiny/sft/eval.jsonl --output $(DEMO)/report \
 		--max-samples 128
-	@echo "== 4/5 export: drop rarely-run routed layers, save a plain LlamaForCausalLM =="
-	$(BIN)/dlo export --model $(DEMO)/sft/final --output $(DEMO)/exported --min-capacity 0.3 \
+	@echo "== 4/5 export: drop the least-used routed layer (8 -> 7), save a plain LlamaForCausalLM =="
+	$(BIN)/dlo export --model $(DEMO)/sft/final --output $(DEMO)/exported --num-layers 7 \
 		--data assets/tiny/sft/eval.jsonl
 	@echo "== 5/5 generate with the routed model =="
 	$(BIN)/dlo generate --model $(DEMO)/sft/final --chat --max-new-tokens 24 \

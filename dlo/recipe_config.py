@@ -18,7 +18,7 @@ import yaml
 from dlo.config import RoutingConfig
 
 
-def _reject_unknown(section: str, given: dict, valid: list[str]):
+def reject_unknown_keys(section: str, given: dict, valid: list[str]):
     for key in given:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
@@ -27,9 +27,9 @@ def _reject_unknown(section: str, given: dict, valid: list[str]):
             raise ValueError(f"unknown config key {name!r}{hint}")
 
 
-def _from_dict(cls, section: str, data: dict | None):
+def section_from_dict(cls, section: str, data: dict | None):
     data = dict(data or {})
-    _reject_unknown(section, data, [f.name for f in dataclasses.fields(cls)])
+    reject_unknown_keys(section, data, [f.name for f in dataclasses.fields(cls)])
     return cls(**data)
 
 
@@ -94,7 +94,7 @@ class RecipeConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> RecipeConfig:
-        _reject_unknown("", raw, [f.name for f in dataclasses.fields(cls)])
+        reject_unknown_keys("", raw, [f.name for f in dataclasses.fields(cls)])
         for required in ("output_dir", "model", "data"):
             if required not in raw:
                 raise ValueError(f"config is missing the required key {required!r}")
@@ -102,11 +102,11 @@ class RecipeConfig:
         lora = raw.get("lora")
         return cls(
             output_dir=str(raw["output_dir"]),
-            model=_from_dict(ModelSection, "model", raw["model"]),
-            data=_from_dict(DataSection, "data", raw["data"]),
-            routing=None if routing is None else _from_dict(RoutingConfig, "routing", routing),
+            model=section_from_dict(ModelSection, "model", raw["model"]),
+            data=section_from_dict(DataSection, "data", raw["data"]),
+            routing=None if routing is None else section_from_dict(RoutingConfig, "routing", routing),
             training=dict(raw.get("training") or {}),
-            lora=None if lora is None else _from_dict(LoraSection, "lora", lora),
+            lora=None if lora is None else section_from_dict(LoraSection, "lora", lora),
             seed=int(raw.get("seed", 0)),
             calibration_samples=int(raw.get("calibration_samples", 64)),
         )
