@@ -3,6 +3,7 @@
 Expand depth, route tokens per layer, train routers with the model, skip compute for real.
 """
 
+from dlo.cache import RoutedCache
 from dlo.calibration import calibrate
 from dlo.config import RoutingConfig
 from dlo.expansion import ExpansionPlan, expand_model
@@ -17,6 +18,7 @@ __all__ = [
     "ExpansionPlan",
     "expand_model",
     "export_static",
+    "RoutedCache",
     "RoutingConfig",
     "apply_capacity_schedule",
     "attach_routers",

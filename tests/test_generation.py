@@ -72,6 +72,7 @@ def test_greedy_generate_matches_cache_free_forwards(base, granularity, batch):
     with torch.no_grad():
         _cache_free_logits(model, fed, fed_mask)
     cache = out.cache
+    assert isinstance(cache, dlo.RoutedCache) == (granularity == "block")
     assert cache.get_seq_length() == fed.shape[1]
     for layer in dlo.routed_layers(model):
         selected, valid = layer.last.selected, layer.last.valid  # (B, T)
