@@ -2,7 +2,7 @@
 
     python benchmarks/model.py             # CPU: fp32, 8 layers, d=1024, T=1024, batch 2
     python benchmarks/model.py --quick     # smoke run at tiny sizes
-    python benchmarks/model.py --device cuda --dtype bfloat16 --d 4096 --seq 4096 --kernels triton   # GPU sizes
+    python benchmarks/model.py --device cuda   # GPU defaults: bf16, d=4096, T=4096, Triton kernels
 
 A random Llama of --layers/2 layers is expanded LLaMA-Pro style (a zero-init copy after every
 layer, dlo.ExpansionPlan.llama_pro) to --layers layers; routers go on the copies (half the layers).
