@@ -46,7 +46,7 @@ class RoutingConfig:
     similarity_every: int = field(
         default=1,
         metadata={"help": "Recompute similarity labels (a dense no-grad pass of each routed layer) every N "
-                  "training forwards; other steps use 'self' labels. Ignored for label='self'."},
+                  "training forwards (micro-batches); the others use 'self' labels. Ignored for label='self'."},
     )
     anneal_steps: int = field(
         default=0, metadata={"help": "Optimizer steps over which mean capacity anneals from 1.0 to the target."}

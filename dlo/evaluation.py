@@ -36,7 +36,9 @@ def read_jsonl(path: str, max_samples: int | None = None) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not any(k in record for k in ("messages", "text", "prompt")):
+            known = isinstance(record, dict) and ("messages" in record or "text" in record
+                                                  or ("prompt" in record and "completion" in record))
+            if not known:
                 raise ValueError(f"{path}:{line_no}: a record needs 'messages', 'text', or 'prompt' and 'completion'")
             records.append(record)
             if max_samples is not None and len(records) >= max_samples:

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 
 import torch
 
-from dlo.modeling import DloRoutedMixin, decoder_layers, routed_layers
+from dlo.modeling import decoder_layers, routed_layers, stock_model_class
 
 # Tensors a routed layer adds to the stock layer's own.
 ROUTER_TENSORS = ("router.weight", "router.bias", "capacity", "score_quantiles")
@@ -92,11 +92,6 @@ def select_layers(num_total: int, usage: dict[int, float], min_capacity: float |
         return (-usage.get(i, 1.0), i in usage, tie, i)
 
     return sorted(sorted(range(num_total), key=rank)[:num_layers])
-
-
-def stock_model_class(model) -> type:
-    """The stock transformers class under dlo's routed model class (the class itself for plain models)."""
-    return next(c for c in type(model).__mro__ if not issubclass(c, DloRoutedMixin))
 
 
 def _layers_prefix(model) -> str:
@@ -185,11 +180,11 @@ class _ForcedState:
 
 
 @contextmanager
-def forced_layers(model, run: list[int] = (), skip: list[int] = (), ungated: bool = True):
+def forced_layers(model, run: list[int] = (), skip: list[int] = ()):
     """Temporarily force routed layers (by layer index) to run every token or to skip every token.
 
-    With ``ungated`` the forced-run layers use gate 1 (β = 0), which is what an exported dense
-    layer computes. Layers named in neither list route as usual.
+    Forced-run layers use gate 1 (β = 0), which is what an exported dense layer computes. Layers
+    named in neither list route as usual.
     """
     by_index = {layer.layer_index: layer for layer in routed_layers(model)}
     unknown = sorted((set(run) | set(skip)) - set(by_index))
@@ -202,7 +197,7 @@ def forced_layers(model, run: list[int] = (), skip: list[int] = (), ungated: boo
         for mode, indices in (("run", run), ("skip", skip)):
             for i in indices:
                 by_index[i].state = _ForcedState(by_index[i].state, mode)
-                if mode == "run" and ungated:
+                if mode == "run":
                     by_index[i].beta = 0.0
         yield model
     finally:

@@ -89,7 +89,22 @@ def model_flops(config, seq_len: float, routed: dict[int, float] | None = None, 
               for i in range(n)]
     decoder = sum(layer["total"] for layer in layers)
     head = lm_head_flops(dims)
-    return {"layers": layers, "decoder": decoder, "lm_head": head, "embedding": 0.0, "total": decoder + head}
+    return {"layers": layers, "decoder": decoder, "lm_head": head, "total": decoder + head}
+
+
+def routed_over_dense_ratio(model, seq_len: float, capacities: list[float] | None = None) -> float:
+    """Forward FLOPs per token of a routed ``model`` over the same model with every layer dense.
+
+    capacities: one per routed layer (e.g. realised in training); default their target capacities.
+    """
+    from dlo.modeling import routed_layers
+
+    layers = routed_layers(model)
+    capacities = [layer.target_capacity for layer in layers] if capacities is None else capacities
+    routed = {layer.layer_index: float(c) for layer, c in zip(layers, capacities)}
+    config = model.config
+    total = model_flops(config, seq_len, routed, model.dlo_routing_config.granularity)["total"]
+    return total / model_flops(config, seq_len)["total"]
 
 
 def base_num_layers(config) -> int:

@@ -53,19 +53,19 @@ def cos_labels(record: RouterRecord) -> torch.Tensor:
     return labels & record.valid
 
 
-def cos_global_labels(records: list[RouterRecord]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def cos_global_labels(records: list[RouterRecord]) -> list[torch.Tensor]:
     """One similarity quantile over every routed layer: tokens below it are labelled 'run'.
 
     The quantile sits at the mean effective capacity, so the overall share of 'run' labels matches
     it; layers that change their tokens more (lower similarity) receive more of that share.
-    Returns the labels per layer and the global similarity threshold (all-reduced across ranks).
+    Returns the labels per layer; the similarity cut is all-reduced across ranks.
     """
     sims = torch.cat([r.similarity.reshape(-1) for r in records])
     valid = torch.cat([r.valid.reshape(-1) for r in records])
     mean_capacity = sum(r.capacity for r in records) / len(records)
     level = torch.tensor([mean_capacity], device=sims.device)
     cut = all_reduce_mean(masked_quantiles(sims, valid, level))[0]
-    return [(r.similarity <= cut) & r.valid for r in records], cut
+    return [(r.similarity <= cut) & r.valid for r in records]
 
 
 def _layer_bce(record: RouterRecord, labels: torch.Tensor) -> torch.Tensor:
@@ -97,11 +97,11 @@ def _reallocate_capacities(layers, labels, records, config):
         layer.set_target_capacity(c)
 
 
-def router_loss(model, update_statistics: bool = True) -> RouterLossOutput:
+def router_loss(model) -> RouterLossOutput:
     """Router BCE loss of the last forward, plus per-layer statistics.
 
-    In training with ``update_statistics``, also updates tracked score quantiles (thresholds)
-    and, for ``cos-global`` labels, per-layer capacities.
+    In training, also updates the tracked score quantiles (thresholds) and, for ``cos-global``
+    labels, the per-layer capacities.
     """
     layers = routed_layers(model)
     if not layers:
@@ -116,11 +116,11 @@ def router_loss(model, update_statistics: bool = True) -> RouterLossOutput:
     elif config.label == "cos":
         labels = [cos_labels(r) for r in records]
     else:
-        labels, _ = cos_global_labels(records)
+        labels = cos_global_labels(records)
     loss = torch.stack([_layer_bce(r, lab) for r, lab in zip(records, labels)]).mean()
 
     training = model.training and model._dlo_state.force is None
-    if training and update_statistics:
+    if training:
         for layer, record in zip(layers, records):
             _track_quantiles(layer, record, config.threshold_momentum)
         if config.label == "cos-global" and have_similarity:

@@ -71,7 +71,7 @@ class DloRoutedMixin:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         _sync_config(self)
-        base = _stock_class(type(self))
+        base = stock_model_class(self)
         self.config.auto_map = {"AutoModelForCausalLM": f"modeling_dlo.{type(self).__name__}"}
         super().save_pretrained(save_directory, *args, **kwargs)
         shim = (
@@ -100,8 +100,9 @@ def routed_model_class(base: type) -> type:
     return _ROUTED_MODEL_CLASSES[base]
 
 
-def _stock_class(cls: type) -> type:
-    return next(c for c in cls.__mro__ if not issubclass(c, DloRoutedMixin))
+def stock_model_class(model) -> type:
+    """The stock transformers class under dlo's routed model class (the class itself for plain models)."""
+    return next(c for c in type(model).__mro__ if not issubclass(c, DloRoutedMixin))
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -168,7 +169,7 @@ def _sync_config(model):
         "capacities": [float(layer.capacity) for layer in layers],
         "thresholds": [float(layer.threshold()) for layer in layers],
         # The stock class, so readers know what to build without our code.
-        "base_architecture": _stock_class(type(model)).__name__,
+        "base_architecture": stock_model_class(model).__name__,
     }
 
 

@@ -1,6 +1,6 @@
 """Recipe configuration: a commented YAML file plus ``key=value`` overrides.
 
-Top-level keys are ``output_dir``, ``seed`` and the sections ``model``, ``routing``, ``data``,
+Top-level keys are ``output_dir``, ``seed``, ``calibration_samples`` and the sections ``model``, ``routing``, ``data``,
 ``training`` (passed to transformers' TrainingArguments), ``lora``. An override addresses a
 section with a dotted key (``routing.capacity=0.25``); values are parsed as YAML scalars.
 Unknown keys are errors that name the closest valid key.

@@ -44,8 +44,7 @@ from tqdm.auto import tqdm
 
 from dlo import flops as F
 from dlo.evaluation import EvalResult, evaluate, perplexity
-from dlo.export import stock_model_class
-from dlo.modeling import decoder_layers, forced_routing, routed_layers
+from dlo.modeling import decoder_layers, forced_routing, routed_layers, stock_model_class
 
 SCHEMA_VERSION = 1
 FLOPS_CONVENTION = ("forward FLOPs per token, multiply-add = 2; attention scores causal, averaged over positions: "

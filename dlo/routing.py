@@ -146,7 +146,12 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def _select(self, logits: torch.Tensor, valid: torch.Tensor | None):
-        """Choose the tokens that run. Returns idx (B, K) ascending positions and active (B, K) bool."""
+        """Choose the tokens that run: (idx, active, capacity), or (None, None, capacity) when none runs.
+
+        idx (B, K) positions to pack, active (B, K) bool (False: a slot that must not run or be stored).
+        Training and forced runs list positions in ascending order; inference lists each row's active
+        positions first, ascending, then fillers.
+        """
         B, T = logits.shape
         device = logits.device
         force = self.state.force

@@ -2,8 +2,6 @@
 
 import math
 
-from dlo.modeling import routed_layers
-
 
 def anneal_fraction(step: int, anneal_steps: int, schedule: str = "linear") -> float:
     """0.0 at step 0 (every token runs) -> 1.0 once ``step >= anneal_steps`` (targets reached)."""
@@ -24,7 +22,3 @@ def apply_capacity_schedule(model, step: int) -> float:
     model._dlo_state.anneal_fraction = frac
     return frac
 
-
-def mean_effective_capacity(model) -> float:
-    layers = routed_layers(model)
-    return sum(layer.effective_capacity() for layer in layers) / len(layers)

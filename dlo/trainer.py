@@ -17,6 +17,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
+from dlo.flops import routed_over_dense_ratio
 from dlo.losses import router_loss
 from dlo.modeling import routed_layers
 from dlo.schedules import apply_capacity_schedule
@@ -37,13 +38,11 @@ def _base_model(model):
 class DloTrainer(Trainer):
     """``Trainer`` that adds the router loss of a routed model (a plain model trains as usual)."""
 
-    def __init__(self, *args, flops_fn=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.flops_fn = flops_fn  # optional: (model) -> routed/dense FLOPs-per-token ratio
         # Sums since the last log, kept on device (no host sync per micro-batch).
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
-        self._tokens = 0
         self._last_log_time = time.perf_counter()
         self.add_callback(RoutingCallback(self))
 
@@ -79,6 +78,7 @@ class DloTrainer(Trainer):
             self._count += 1
         if "attention_mask" in inputs and model.training:
             self._accumulate("tokens", inputs["attention_mask"].sum())
+            self._accumulate("rows", torch.tensor(float(inputs["attention_mask"].shape[0])))
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, *args, **kwargs):
@@ -105,6 +105,7 @@ class DloTrainer(Trainer):
             self._sums = {}
             now = time.perf_counter()
             tokens = float(sums.pop("tokens", 0.0))
+            rows = float(sums.pop("rows", 0.0))
             logs["tokens_per_second"] = round(tokens / max(now - self._last_log_time, 1e-9), 2)
             self._last_log_time = now
             if self._count:
@@ -118,8 +119,10 @@ class DloTrainer(Trainer):
                     for layer, value in zip(layers, mean.tolist()):
                         logs[f"{key}/layer_{layer.layer_index}"] = round(value, 5)
                 logs["routing/mean_capacity"] = round(float(sums["routing/capacity"].mean() / self._count), 5)
-                if self.flops_fn is not None:
-                    logs["flops/routed_over_dense_expanded"] = round(self.flops_fn(routed), 5)
+                if rows:  # analytic FLOPs at the capacities realised since the last log and the mean length
+                    realised = (sums["routing/capacity"] / self._count).tolist()
+                    ratio = routed_over_dense_ratio(routed, tokens / rows, realised)
+                    logs["flops/routed_over_dense_expanded"] = round(ratio, 5)
                 self._count = 0
         super().log(logs, *args, **kwargs)
 

@@ -61,13 +61,9 @@ def expansion_plan(spec: dict, num_layers: int):
     from dlo.expansion import ExpansionPlan
 
     spec = dict(spec)
-    strategy = spec.pop("strategy", None)
-    builders = {"llama-pro": ExpansionPlan.llama_pro, "dus": ExpansionPlan.dus, "idus": ExpansionPlan.idus}
-    if strategy == "slices":
-        return ExpansionPlan.slices(**spec)
-    if strategy not in builders:
-        raise ValueError(f"model.expansion.strategy={strategy!r}: expected llama-pro, dus, idus or slices")
-    return builders[strategy](num_layers=num_layers, **spec)
+    if "strategy" not in spec:
+        raise ValueError("model.expansion needs a 'strategy' (llama-pro, dus, idus or slices)")
+    return ExpansionPlan.build(spec.pop("strategy"), num_layers, **spec)
 
 
 def load_model(cfg: RecipeConfig):
@@ -154,7 +150,7 @@ def main(argv=None):
     if is_main and not resume:
         record_run_config(cfg)
     trainer = DloTrainer(model=model, args=targs, train_dataset=train, eval_dataset=evaluation,
-                         data_collator=collator, processing_class=tokenizer, flops_fn=_flops_ratio())
+                         data_collator=collator, processing_class=tokenizer)
     trainer.add_callback(CapacityImageCallback(trainer, os.environ["TENSORBOARD_LOGGING_DIR"],
                                                every=max(targs.logging_steps, 1) * 5))
     checkpoint = get_last_checkpoint(cfg.output_dir) if resume else None
@@ -170,14 +166,6 @@ def main(argv=None):
         return 0
     finish(cfg, trainer, tokenizer, train, evaluation, collator, result, is_main)
     return 0
-
-
-def _flops_ratio():
-    try:
-        from dlo.flops import routed_over_dense_ratio
-    except ImportError:
-        return None
-    return routed_over_dense_ratio
 
 
 def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, is_main):

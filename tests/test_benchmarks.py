@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses; `-m "not slow"` skips them
 
 
 def run_benchmark(script: str, out: Path, *args: str) -> dict:

@@ -78,16 +78,18 @@ def test_greedy_generate_matches_cache_free_forwards(base, granularity, batch):
         selected, valid = layer.last.selected, layer.last.valid  # (B, T)
         share = (selected.sum() / valid.sum()).item()
         assert 0.2 < share < 0.8, f"layer {layer.layer_index} runs {share:.2f} of tokens: routing is not exercised"
-        if granularity == "mlp":  # attention is dense: the stock cache holds every token
+        if granularity == "mlp":  # attention is dense: the stock cache holds every token (padding included)
             assert cache.layers[layer.layer_index].keys.shape[-2] == fed.shape[1]
             continue
         stored = cache.layers[layer.layer_index]
         assert isinstance(stored, RoutedLayer)
-        assert torch.equal(stored.lengths, selected.sum(1))
+        assert torch.equal(cache.stored_lengths(layer.layer_index), selected.sum(1))
         assert stored.keys.shape[-2] == int(selected.sum(1).max())  # padded to the longest row
         for b in range(batch):  # the stored tokens are the ones that ran, at their sequence positions
             assert torch.equal(stored.slots[b][stored.valid[b]], torch.nonzero(selected[b]).squeeze(1))
     assert cache.layers[1].keys.shape[-2] == fed.shape[1]  # the unrouted layer stores everything
+    if granularity == "block":
+        assert torch.equal(cache.stored_lengths(1), torch.full((batch,), fed.shape[1]))
 
 
 def test_forced_run_stores_every_real_token(base):

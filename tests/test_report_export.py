@@ -432,6 +432,9 @@ def test_cli_bad_inputs(saved, base, capsys):
     (saved / "bad.jsonl").write_text('{"text": "the cat"}\n{"nothing": 1}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: a record needs"):
         read_jsonl(str(saved / "bad.jsonl"))
+    (saved / "bad.jsonl").write_text('{"prompt": "the cat"}\n')  # a prompt without its completion
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: a record needs"):
+        read_jsonl(str(saved / "bad.jsonl"))
 
 
 def test_cli_generate_routed_and_exported(saved, capsys):

@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import dlo
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses; `-m "not slow"` skips them
 CONFIG = ROOT / "recipes" / "configs" / "tiny.yaml"
 SMALL = [
     "training.per_device_train_batch_size=4",
@@ -71,7 +73,8 @@ def test_single_process_trains_logs_and_saves(tmp_path):
     task = scalars["train/task_loss"]
     assert task[-1] < task[0], task  # the loss falls
     for tag in ("train/router_loss", "train/tokens_per_second", "train/routing/mean_capacity",
-                "train/routing/capacity/layer_3", "train/routing/agreement/layer_7"):
+                "train/routing/capacity/layer_3", "train/routing/agreement/layer_7",
+                "train/flops/routed_over_dense_expanded"):
         assert tag in scalars, sorted(scalars)
     model = dlo.load_model(str(final))
     layers = dlo.routed_layers(model)

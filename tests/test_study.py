@@ -14,6 +14,7 @@ import yaml
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses; `-m "not slow"` skips them
 CONFIG = ROOT / "recipes" / "configs" / "study_tiny.yaml"
 SMALL = [
     "training.max_steps=2",

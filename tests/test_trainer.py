@@ -57,3 +57,18 @@ def test_gradient_accumulation_matches_one_large_batch(tiny_llama_config, tmp_pa
     a, b = dict(full.named_parameters()), dict(accumulated.named_parameters())
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_flops_ratio_is_logged_and_matches_a_hand_count(tiny_llama_config, tmp_path):
+    model, log = _train_one_step(tiny_llama_config, tmp_path, batch=4, accumulation=1)
+    # layers 1 and 3 of 4 routed at c=0.5: the routed model costs less than dense, more than half of it
+    assert 0.5 < log["flops/routed_over_dense_expanded"] < 1.0
+    from dlo.flops import routed_over_dense_ratio
+
+    # d=64, 4 heads of 16 (d_q=64), 2 KV heads (d_kv=32), d_ff=128, V=97, T=8. Per token, dense layer:
+    # projections 2*64*(64+2*32) + 2*64*64 = 24576, scores 2*64*(8+1) = 1152, MLP 6*64*128 = 49152;
+    # lm_head 2*64*97 = 12416. A block-routed layer at c=0 keeps only its router, 2*64 = 128.
+    dense = 4 * (24576 + 1152 + 49152) + 12416
+    skipping = 2 * (24576 + 1152 + 49152) + 2 * 128 + 12416
+    assert routed_over_dense_ratio(model, seq_len=8, capacities=[0.0, 0.0]) == pytest.approx(skipping / dense)
+    assert routed_over_dense_ratio(model, seq_len=8, capacities=[1.0, 1.0]) == pytest.approx((dense + 256) / dense)

@@ -11,7 +11,8 @@ def add_parser(subparsers):
     p = subparsers.add_parser("report", help="Efficiency report: realised capacity, FLOPs, wall-clock, loss.",
                               description=__doc__)
     add_model_arguments(p)
-    p.add_argument("--data", required=True, help="JSONL with 'messages' (chat) or 'text' records.")
+    p.add_argument("--data", required=True,
+                   help="JSONL with 'messages' (chat), 'prompt'/'completion' or 'text' records.")
     p.add_argument("--output", required=True, help="Directory for report.json, *.png and tb/.")
     p.add_argument("--max-samples", type=int, default=None, help="Read at most N records.")
     p.add_argument("--batch-size", type=int, default=8)
