@@ -9,7 +9,9 @@ COMMANDS = {"expand": "expand", "report": "report", "export": "export", "generat
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="dlo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dlo", description="Dynamic Layer Operation: expand a model's depth, then report on, export and "
+        "generate with routed models. Training runs through `accelerate launch recipes/sft.py`.")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, module_name in COMMANDS.items():
