@@ -38,6 +38,7 @@ class RoutedLayer(DynamicLayer):
         self.valid: torch.Tensor | None = None  # (B, L) bool: slot holds a token
         self.slots: torch.Tensor | None = None  # (B, L) long: sequence index of the stored token
         self._places: torch.Tensor | None = None  # (B, K) columns booked for the next update
+        self.full = True  # every row stores as many tokens: no slot is empty
 
     # ---- what the model reads -----------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -70,7 +71,10 @@ class RoutedLayer(DynamicLayer):
         self.valid = _pad_columns(self.valid, width, False).scatter(1, places, active)
         self.slots = _pad_columns(self.slots, width, 0).scatter(1, places, idx + offset)
         self.lengths = self.lengths + count.squeeze(1)
-        longest = int(self.lengths.max())  # host sync (inference only): trims storage to the longest row
+        # One host sync (inference only): trim storage to the longest row, and note whether every row is
+        # as long, i.e. every stored slot holds a token (a single query may then attend all unmasked).
+        shortest, longest = torch.stack(torch.aminmax(self.lengths)).tolist()
+        self.full = shortest == longest
         self.valid, self.slots = self.valid[:, :longest], self.slots[:, :longest]
         self._places = places
         self.seen += seq_len
@@ -118,6 +122,7 @@ class RoutedLayer(DynamicLayer):
             return
         rows = rows.to(self.lengths.device)
         self.lengths, self.valid, self.slots = self.lengths[rows], self.valid[rows], self.slots[rows]
+        self.full = bool(self.valid.all())
         if self.is_initialized:
             self.keys, self.values = self.keys[rows], self.values[rows]
 

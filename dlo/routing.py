@@ -115,10 +115,16 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
     def threshold(self, capacity: float | None = None) -> torch.Tensor:
         """Score threshold at which the share of tokens running equals ``capacity`` (0-dim tensor)."""
         c = self.target_capacity if capacity is None else capacity
+        # Decoding asks once per layer and token: reuse the value until the capacity or the quantiles change.
+        key = (c, self.score_quantiles._version, self.score_quantiles.data_ptr())
+        if getattr(self, "_threshold_key", None) == key:
+            return self._threshold_value
         pos = (1.0 - c) * (NUM_QUANTILES - 1)
         lo = min(int(math.floor(pos)), NUM_QUANTILES - 2)
         w = pos - lo
-        return self.score_quantiles[lo] * (1.0 - w) + self.score_quantiles[lo + 1] * w
+        self._threshold_value = self.score_quantiles[lo] * (1.0 - w) + self.score_quantiles[lo + 1] * w
+        self._threshold_key = key
+        return self._threshold_value
 
     def set_target_capacity(self, capacity: float):
         self.target_capacity = float(capacity)
@@ -220,7 +226,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         if layer_cache is not None:
             # Queries attend the tokens this layer stored for their row, the chunk's selected ones included.
             offset = layer_cache.reserve(idx, active, T)
-            mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset)
+            if T == 1 and attention_mask is None and layer_cache.full:
+                mask = None  # one query, every stored key precedes it, no padding, no empty slot: nothing to hide
+            else:
+                mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset)
         elif in_order and key_ok is None:
             mask = attention_mask
         else:

@@ -92,6 +92,21 @@ def test_greedy_generate_matches_cache_free_forwards(base, granularity, batch):
         assert torch.equal(cache.stored_lengths(1), torch.full((batch,), fed.shape[1]))
 
 
+@pytest.mark.parametrize("granularity", ["block", "mlp"])
+def test_unpadded_batch_whose_rows_store_different_counts(base, granularity):
+    """No padding, so the model passes no mask; rows still store different numbers of tokens per layer."""
+    model = _routed(base, granularity)
+    ids = torch.randint(3, 97, (3, PROMPT_LEN))
+    mask = torch.ones_like(ids)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                         return_dict_in_generate=True)
+    want, _ = _greedy_cache_free(model, ids, mask, NEW_TOKENS)
+    assert torch.equal(out.sequences, want)
+    if granularity == "block":
+        lengths = torch.stack([out.cache.stored_lengths(i) for i in ROUTED])  # (layers, B)
+        assert (lengths != lengths[:, :1]).any(), "every row stored as many tokens: the test exercises nothing"
+
+
 def test_forced_run_stores_every_real_token(base):
     """Forced 'run' packs padding among the selected slots (training-like order): none is stored."""
     model = _routed(base, "block")
