@@ -6,9 +6,9 @@ takes the folder off sys.path again (this module is loaded by then).
 """
 
 import datetime
+import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -20,14 +20,11 @@ import torch  # noqa: E402
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model} ({torch.get_num_threads()} threads)"
+    """The GPU's name, or the CPU model with the thread count torch uses (as ``dlo report`` records them)."""
+    from dlo.report import device_info
+
+    info = device_info(device)
+    return info["name"] if device.type == "cuda" else f"{info['name']} ({info['threads']} threads)"
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
@@ -126,6 +123,12 @@ def peak_bytes(fn, device: torch.device) -> int | None:
     fn()
     _sync(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def write_json(result: dict, path: str):
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
 
 
 def fmt_ratio(r: dict) -> str:

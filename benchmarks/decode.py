@@ -17,7 +17,6 @@ layer's weights were not read at all. Prints a table and writes --out (JSON).
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import time
@@ -162,9 +161,7 @@ def main(argv=None):
         print(f"{r['batch']:>5} {r['decode_run_share']:>9.2f} {r['idle_layer_steps']:>10.2f} {r['routed']:>12.1f} "
               f"{r['dense']:>11.1f} {r['base']:>10.1f} {r['routed'] / r['dense']:>12.2f} "
               f"{r['routed'] / r['base']:>11.2f}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    common.write_json(result, args.out)
 
 
 if __name__ == "__main__":

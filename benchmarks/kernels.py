@@ -9,7 +9,6 @@ before each run so bandwidths are DRAM figures. Prints a table and writes --out 
 """
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -155,9 +154,7 @@ def main(argv=None):
     for r in result["layer"]:
         print(f"{r['mode']:<8} {r['capacity']:>8} {r['dense_ms']:>9.3f} {r['routed_ms']:>10.3f} "
               f"{r['routed_over_dense']:>12.2f}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    common.write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ against independent references (per-row loop; masked mlp). Prints tables, writes
 
 import argparse
 import copy
-import json
 import math
 from collections import defaultdict
 
@@ -275,9 +274,8 @@ def main(argv=None):
     if args.profile:
         result["profile"] = profile_block(args, stock, routed, x, pos, pe)
     print_tables(result)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.out}")
+    print()
+    common.write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Prints a table and writes --out (JSON).
 
 import argparse
 import copy
-import json
 
 import common
 import torch
@@ -133,9 +132,7 @@ def main(argv=None):
                   + " ".join(f"{cell[c, name, mode]['ms']:>11.0f} {common.fmt_ratio(cell[c, name, mode]):>17}"
                              for mode in MODES)
                   + f" {m['saved_bytes'] / 2**20:>9.1f} ({m['saved_ratio']:.2f})")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    common.write_json(result, args.out)
 
 
 if __name__ == "__main__":

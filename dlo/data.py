@@ -27,8 +27,7 @@ def load_records(path: str, limit: int | None = None) -> list[dict]:
 
         records = [dict(r) for r in datasets.load_from_disk(path)]
     elif path.endswith(".jsonl"):
-        with open(path) as fh:
-            records = [json.loads(line) for line in fh if line.strip()]
+        records = _read_jsonl(path, limit)
     elif path.endswith(".json"):
         with open(path) as fh:
             records = json.load(fh)
@@ -41,6 +40,22 @@ def load_records(path: str, limit: int | None = None) -> list[dict]:
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path!r}: no records found")
     return records[:limit] if limit else records
+
+
+def _read_jsonl(path: str, limit: int | None) -> list:
+    """The first ``limit`` records of a JSONL file (all when None); a bad line is named by its number."""
+    records = []
+    with open(path) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+            if limit and len(records) >= limit:
+                break
+    return records
 
 
 def detect_format(records: list[dict], path: str = "data") -> str:

@@ -10,9 +10,7 @@ These are the SFT data conventions (dlo/data.py), so eval losses compare with tr
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -20,31 +18,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dlo.data import IGNORE_INDEX as IGNORE
-from dlo.data import tokenize_record
+from dlo.data import load_records, tokenize_record
 from dlo.modeling import decoder_layers, routed_layers
 
 
-def read_jsonl(path: str, max_samples: int | None = None) -> list[dict]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    records = []
-    with open(path) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-            known = isinstance(record, dict) and ("messages" in record or "text" in record
-                                                  or ("prompt" in record and "completion" in record))
-            if not known:
-                raise ValueError(f"{path}:{line_no}: a record needs 'messages', 'text', or 'prompt' and 'completion'")
-            records.append(record)
-            if max_samples is not None and len(records) >= max_samples:
-                break
-    if not records:
-        raise ValueError(f"data file {path!r} holds no records")
+def read_eval_records(path: str, max_samples: int | None = None) -> list[dict]:
+    """Records of an eval file (the formats ``dlo.data.load_records`` reads), each of a kind we can score."""
+    records = load_records(path, max_samples)
+    for i, record in enumerate(records, 1):
+        known = isinstance(record, dict) and ("messages" in record or "text" in record
+                                              or ("prompt" in record and "completion" in record))
+        if not known:
+            raise ValueError(f"{path}: record {i} needs 'messages', 'text', or 'prompt' and 'completion'")
     return records
 
 
@@ -87,7 +72,7 @@ def make_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pa
 
 
 def load_batches(path: str, tokenizer, batch_size: int, max_length: int, max_samples: int | None = None):
-    records = read_jsonl(path, max_samples)
+    records = read_eval_records(path, max_samples)
     encoded = [encode(r, tokenizer, max_length) for r in records]
     encoded = [e for e in encoded if e[0]]
     if not encoded:

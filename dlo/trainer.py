@@ -43,6 +43,7 @@ class DloTrainer(Trainer):
         # Sums since the last log, kept on device (no host sync per micro-batch).
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self._rows = 0  # sequences since the last log (with "tokens": the mean length for the FLOPs ratio)
         self._last_log_time = time.perf_counter()
         self.add_callback(RoutingCallback(self))
 
@@ -78,7 +79,7 @@ class DloTrainer(Trainer):
             self._count += 1
         if "attention_mask" in inputs and model.training:
             self._accumulate("tokens", inputs["attention_mask"].sum())
-            self._accumulate("rows", torch.tensor(float(inputs["attention_mask"].shape[0])))
+            self._rows += inputs["attention_mask"].shape[0]
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, *args, **kwargs):
@@ -105,7 +106,7 @@ class DloTrainer(Trainer):
             self._sums = {}
             now = time.perf_counter()
             tokens = float(sums.pop("tokens", 0.0))
-            rows = float(sums.pop("rows", 0.0))
+            rows, self._rows = self._rows, 0
             logs["tokens_per_second"] = round(tokens / max(now - self._last_log_time, 1e-9), 2)
             self._last_log_time = now
             if self._count:

@@ -38,7 +38,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 import dlo
-from dlo.evaluation import evaluate, load_batches, read_jsonl
+from dlo.evaluation import evaluate, load_batches, read_eval_records
 from dlo.export import export_static, save_export
 from dlo.flops import flop_unit, model_flops
 from dlo.modeling import routed_layers
@@ -224,7 +224,7 @@ class EvalData:
     def load(cls, cfg: StudyConfig, tokenizer) -> EvalData:
         data = cfg.recipe["data"]
         path, max_length = data["eval_file"], data.get("max_length", 512)
-        records = read_jsonl(path, cfg.eval.accuracy_samples)
+        records = read_eval_records(path, cfg.eval.accuracy_samples)
         for i, record in enumerate(records, 1):
             messages = record.get("messages") or []
             if "answer" not in record or not messages or messages[-1].get("role") != "assistant":

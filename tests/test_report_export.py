@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedToken
 
 import dlo
 from dlo.cli import main
-from dlo.evaluation import IGNORE, encode, read_jsonl
+from dlo.evaluation import IGNORE, encode, read_eval_records
 from dlo.export import export_static, forced_layers, save_export, select_layers
 from dlo.modeling import decoder_layers
 
@@ -371,7 +371,7 @@ def _realised_capacities(model_dir, records):
 
 
 def test_cli_export_with_data(saved, capsys):
-    measured = _realised_capacities(saved / "routed", read_jsonl(str(saved / "chat.jsonl")))
+    measured = _realised_capacities(saved / "routed", read_eval_records(str(saved / "chat.jsonl")))
     low, high = sorted(measured, key=measured.get)
     assert measured[low] < measured[high]
     threshold = (measured[low] + measured[high]) / 2  # drops exactly the less-used routed layer
@@ -430,11 +430,14 @@ def test_cli_bad_inputs(saved, base, capsys):
     assert not any((saved / name).exists() for name in ("o", "o2", "o4", "o5", "r"))
 
     (saved / "bad.jsonl").write_text('{"text": "the cat"}\n{"nothing": 1}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: a record needs"):
-        read_jsonl(str(saved / "bad.jsonl"))
+    with pytest.raises(ValueError, match=r"bad.jsonl: record 2 needs"):
+        read_eval_records(str(saved / "bad.jsonl"))
+    (saved / "bad.jsonl").write_text('{"text": "the cat"}\n\nnot json\n')  # the line number counts blank lines
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: not valid JSON"):
+        read_eval_records(str(saved / "bad.jsonl"))
     (saved / "bad.jsonl").write_text('{"prompt": "the cat"}\n')  # a prompt without its completion
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: a record needs"):
-        read_jsonl(str(saved / "bad.jsonl"))
+    with pytest.raises(ValueError, match=r"bad.jsonl: record 1 needs"):
+        read_eval_records(str(saved / "bad.jsonl"))
 
 
 def test_cli_generate_routed_and_exported(saved, capsys):
