@@ -15,7 +15,7 @@ an exact identity); ``merge-linear`` (mean of the layer and the base layer befor
 (per-tensor spherical interpolation at t=0.5 between the base layer before it and the layer).
 
 ``expand_model`` applies a plan to a Llama/Mistral/Qwen2 ``*ForCausalLM`` in memory; ``dlo expand``
-(dlo/cli/expand.py) applies it to a checkpoint on disk, streaming tensors layer by layer.
+(dlo/expansion_io.py) applies it to a checkpoint on disk, streaming tensors layer by layer.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import torch
 import yaml
+
+from dlo.errors import UserError
 
 STRATEGIES = ("llama-pro", "dus", "idus", "slices")
 INITS = ("copy", "zero", "merge-linear", "slerp")
@@ -192,24 +194,20 @@ class ExpansionPlan:
 
         With ``init='copy'`` the result is tensor for tensor what mergekit writes for that config.
         ``dtype``/``out_dtype`` are recorded in ``params['mergekit']``; ``dlo expand`` casts to them
-        (``expand_model`` leaves the dtype to whoever loaded the model).
+        (``expand_model`` leaves the dtype to whoever loaded the model). Errors in a file name it.
         """
-        text = os.fspath(path_or_yaml_text)
-        if "\n" not in text and os.path.isfile(text):
-            with open(text) as fh:
-                text = fh.read()
-        config = yaml.safe_load(text)
-        if not isinstance(config, dict):
-            raise ValueError(f"mergekit config {path_or_yaml_text!r}: expected a YAML mapping "
-                             "(or the path of an existing file)")
-        return cls.slices(_mergekit_ranges(config), init=init, num_layers=num_layers)._with_mergekit(config)
+        config, source = _read_mergekit(path_or_yaml_text)
+        try:
+            return cls.slices(_mergekit_ranges(config), init=init, num_layers=num_layers)._with_mergekit(config)
+        except ValueError as err:
+            raise UserError(f"{source}: {err}") from None
 
     def _with_mergekit(self, config: dict) -> ExpansionPlan:
         info = {"model": _mergekit_model(config)}
         for key in ("dtype", "out_dtype"):
             if config.get(key) is not None:
                 if config[key] not in MERGEKIT_DTYPES:
-                    raise ValueError(f"mergekit {key}={config[key]!r}: not supported; valid: "
+                    raise ValueError(f"{key}={config[key]!r}: not supported; valid: "
                                      f"{', '.join(MERGEKIT_DTYPES)}")
                 info[key] = config[key]
         self.params["mergekit"] = info
@@ -301,6 +299,30 @@ def _check_overlap(overlap, n: int) -> int:
 
 # -- mergekit passthrough configs ------------------------------------------------------------
 
+def _read_mergekit(path_or_yaml_text: str | os.PathLike) -> tuple[dict, str]:
+    """(config, what to call it in messages) of a mergekit YAML file or text."""
+    text = os.fspath(path_or_yaml_text)
+    source = "mergekit config" if "\n" in text else f"mergekit config {text!r}"
+    if "\n" not in text:
+        if os.path.isfile(text):
+            source = f"mergekit config {text}"
+            with open(text) as fh:
+                text = fh.read()
+        elif os.path.isdir(text):
+            raise UserError(f"mergekit config {text!r} is a directory, not a YAML file")
+        elif text.endswith((".yml", ".yaml")):
+            raise UserError(f"mergekit config {text!r} does not exist")
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{source}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{source}: expected a YAML mapping (or the path of an existing file)")
+    return config, source
+
+
 MERGEKIT_KEYS = ("merge_method", "slices", "base_model", "dtype", "out_dtype", "tokenizer_source")
 MERGEKIT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -312,7 +334,7 @@ def _mergekit_model(config: dict) -> str:
     if config.get("tokenizer_source") not in (None, "base", "union"):  # with one model both mean its own
         models.add(str(config["tokenizer_source"]))
     if len(models) != 1:
-        raise ValueError(f"mergekit config names {len(models)} models {sorted(models)}; dlo expands one model "
+        raise ValueError(f"the config names {len(models)} models {sorted(models)}; dlo expands one model "
                          "(every slice, base_model and tokenizer_source must name the same one)")
     return models.pop()
 
@@ -320,30 +342,33 @@ def _mergekit_model(config: dict) -> str:
 def _mergekit_ranges(config: dict) -> list[tuple[int, int]]:
     method = config.get("merge_method")
     if method != "passthrough":
-        raise ValueError(f"mergekit merge_method={method!r}: only 'passthrough' (layer stacking) is supported")
+        raise ValueError(f"merge_method={method!r}: only 'passthrough' (layer stacking) is supported")
     unknown = sorted(set(config) - set(MERGEKIT_KEYS))
     if unknown:
-        raise ValueError(f"mergekit config keys {unknown} are not supported; valid: {', '.join(MERGEKIT_KEYS)} "
+        raise ValueError(f"keys {unknown} are not supported; valid: {', '.join(MERGEKIT_KEYS)} "
                          "(for scale-0 o_proj/down_proj parameters use init 'zero')")
     slices = config.get("slices")
     if not isinstance(slices, list) or not slices:
-        raise ValueError("mergekit config has no 'slices' list; expected slices: - sources: - model: X, "
+        raise ValueError("no 'slices' list; expected slices: - sources: - model: X, "
                          "layer_range: [a, b]")
     ranges = []
     for k, s in enumerate(slices):
         sources = s.get("sources") if isinstance(s, dict) else None
         if not isinstance(sources, list) or len(sources) != 1:
-            raise ValueError(f"mergekit slice {k}: passthrough takes exactly one source per slice, "
+            raise ValueError(f"slice {k}: passthrough takes exactly one source per slice, "
                              f"got {len(sources) if isinstance(sources, list) else sources!r}")
         src = sources[0]
+        if not isinstance(src, dict):
+            raise ValueError(f"slice {k}: a source must be a mapping with 'model' and 'layer_range', "
+                             f"got {src!r}")
         extra = sorted(set(src) - {"model", "layer_range"}) + sorted(set(s) - {"sources"})
         if extra:
-            raise ValueError(f"mergekit slice {k}: keys {extra} are not supported (only model and layer_range; "
+            raise ValueError(f"slice {k}: keys {extra} are not supported (only model and layer_range; "
                              "for scale-0 o_proj/down_proj parameters use init 'zero')")
         if "model" not in src or "layer_range" not in src:
-            raise ValueError(f"mergekit slice {k}: a source needs 'model' and 'layer_range'")
+            raise ValueError(f"slice {k}: a source needs 'model' and 'layer_range'")
         if not isinstance(src["layer_range"], (list, tuple)) or len(src["layer_range"]) != 2:
-            raise ValueError(f"mergekit slice {k}: layer_range={src['layer_range']!r}, expected [start, stop]")
+            raise ValueError(f"slice {k}: layer_range={src['layer_range']!r}, expected [start, stop]")
         ranges.append(tuple(src["layer_range"]))
     return ranges
 

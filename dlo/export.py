@@ -20,9 +20,9 @@ transformers loads without custom code. What it does, in order:
 With ``mlp`` granularity a routed layer's attention always ran; a stock layer cannot exist
 without its MLP, so dropping it removes its attention too (again measured by the loss).
 
-``save_export`` writes the checkpoint (safetensors), tokenizer and ``export.json`` into a hidden
-temporary directory next to the output and renames it into place at the end: a failure or an
-interruption leaves no output (a SIGKILL can leave the hidden ``.NAME.tmp-*`` directory).
+``save_export`` writes the checkpoint (safetensors), tokenizer and ``export.json`` through
+``dlo.checkpoints.atomic_output_dir``: a failure or an interruption leaves no output (a SIGKILL can
+leave the hidden ``.NAME.tmp-*`` directory).
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ import copy
 import json
 import os
 import re
-import shutil
-import tempfile
 from contextlib import contextmanager
 
 import torch
 
+from dlo.checkpoints import atomic_output_dir
 from dlo.modeling import decoder_layers, routed_layers, stock_model_class
 
 # Tensors a routed layer adds to the stock layer's own.
@@ -207,36 +206,11 @@ def forced_layers(model, run: list[int] = (), skip: list[int] = ()):
 
 def save_export(model, output: str, tokenizer=None, record: dict | None = None, force: bool = False) -> str:
     """Write ``model`` (+ tokenizer, + ``export.json`` from ``record``) to ``output`` atomically."""
-    output = os.path.abspath(output)
-    check_output(output, force)
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-    try:
+    with atomic_output_dir(output, force) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if record is not None:
             with open(os.path.join(tmp, "export.json"), "w") as fh:
                 json.dump(record, fh, indent=2)
-        if os.path.exists(output):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.old-", dir=parent)
-            os.rename(output, os.path.join(old, "previous"))
-            os.rename(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
-
-
-def check_output(output: str, force: bool):
-    """Refuse an output path that holds something, unless ``force``."""
-    if not os.path.exists(output):
-        return
-    if not os.path.isdir(output):
-        raise FileExistsError(f"output {output!r} exists and is not a directory")
-    if os.listdir(output) and not force:
-        raise FileExistsError(f"output {output!r} exists and is not empty; pass --force (force=True) to replace it")
+    return os.path.abspath(output)

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments,
 from transformers.trainer_utils import get_last_checkpoint
 
 import dlo
+from dlo.checkpoints import check_weights, read_config, resolve_model_dir
 from dlo.data import SFTCollator, build_sft_dataset
 from dlo.modeling import routed_layers
 from dlo.recipe_config import RecipeConfig, load_recipe_config
@@ -68,12 +69,13 @@ def expansion_plan(spec: dict, num_layers: int):
 
 def load_model(cfg: RecipeConfig):
     dtype = getattr(torch, cfg.model.dtype)
-    with open(os.path.join(cfg.model.path, "config.json")) as fh:
-        already_routed = "dlo_routing" in json.load(fh)
+    model_dir = resolve_model_dir(cfg.model.path)  # a directory, or a hub id (offline from the cache)
+    already_routed = "dlo_routing" in read_config(model_dir)
+    check_weights(model_dir)  # a truncated or corrupt weight file is named before transformers reads it
     if already_routed:
-        model = dlo.load_model(cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+        model = dlo.load_model(model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                      attn_implementation=cfg.model.attn_implementation)
     if cfg.model.expansion:
         if already_routed:
@@ -129,7 +131,7 @@ def main(argv=None):
     set_seed(cfg.seed)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tb"))
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.model.path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_model(cfg)

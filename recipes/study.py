@@ -38,6 +38,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 import dlo
+from dlo.checkpoints import read_config, resolve_model_dir
 from dlo.evaluation import evaluate, load_batches, read_eval_records
 from dlo.export import export_static, save_export
 from dlo.flops import flop_unit, model_flops
@@ -283,8 +284,7 @@ def measure_quality(model, tokenizer, data: EvalData) -> dict:
 
 
 def load_trained(path: str, attn_implementation: str):
-    with open(os.path.join(path, "config.json")) as fh:
-        routed = "dlo_routing" in json.load(fh)
+    routed = "dlo_routing" in read_config(path)
     loader = dlo.load_model if routed else AutoModelForCausalLM.from_pretrained
     return loader(path, dtype=torch.float32, attn_implementation=attn_implementation).eval()
 
@@ -484,7 +484,7 @@ def main(argv=None):
     cfg = load_study_config(args.config, args.overrides)
     hf_logging.disable_progress_bar()  # a dozen models load; their bars would bury the progress lines
     os.makedirs(cfg.study_dir, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.recipe["model"]["path"])
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.recipe["model"]["path"]))
     data = EvalData.load(cfg, tokenizer)
     # What the cached measurements depend on besides the trained weights.
     settings = {"eval_file": cfg.recipe["data"]["eval_file"], "max_length": cfg.recipe["data"].get("max_length"),

@@ -22,8 +22,8 @@ from transformers import (
 
 import dlo
 from dlo.cli import main as cli_main
-from dlo.cli.expand import expand_checkpoint
 from dlo.expansion import ExpansionPlan, expand_model, slerp
+from dlo.expansion_io import expand_checkpoint
 
 ATOL = 1e-5
 
@@ -455,7 +455,8 @@ def test_bad_plans(build, match):
     ("merge_method: passthrough\nslices:\n - sources: [{model: a, layer_range: [2, 2]}]", r"slice 2-2.*empty"),
     ("merge_method: passthrough\ndtype: int8\nslices:\n - sources: [{model: a, layer_range: [0, 2]}]",
      r"dtype='int8'.*float32, float16, bfloat16"),
-    ("no-such-file.yml", r"expected a YAML mapping"),
+    ("no-such-file.yml", r"'no-such-file.yml' does not exist"),
+    ("just-a-word", r"expected a YAML mapping"),
 ])
 def test_bad_mergekit_configs(text, match):
     with pytest.raises(ValueError, match=match):

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import datetime
-import os
 
-from dlo.cli.common import add_model_arguments, load_model_and_tokenizer, resolve_device
+from dlo.cli.common import (
+    add_model_arguments,
+    check_data_file,
+    check_minimums,
+    find_model,
+    load_model,
+    load_tokenizer,
+    max_length,
+    resolve_device,
+)
+from dlo.errors import UserError
 
 
 def add_parser(subparsers):
@@ -18,30 +27,42 @@ def add_parser(subparsers):
                       help="Keep the N most-used layers (unrouted layers count as always used).")
     p.add_argument("--data", default=None,
                    help="JSONL to measure realised capacities (used instead of the targets) and the loss before/after.")
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-samples", type=int, default=None, help="Read at most N records of --data (N >= 1).")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None, help="Default: min(512, max_position_embeddings).")
     p.add_argument("--force", action="store_true", help="Replace a non-empty output directory.")
 
 
 def run(args):
-    from dlo.evaluation import evaluate, load_batches
-    from dlo.export import check_output, export_static, save_export
-    from dlo.modeling import routed_layers
+    from dlo.checkpoints import check_output_dir
+    from dlo.evaluation import evaluate, load_batches, read_eval_records
+    from dlo.export import export_static, save_export
 
     # Cheap checks first: nothing is loaded for a call that must fail.
-    if args.data is not None and not os.path.isfile(args.data):
-        raise FileNotFoundError(f"data file {args.data!r} does not exist")
-    check_output(os.path.abspath(args.output), args.force)
+    check_minimums(args, num_layers=1, max_samples=1, batch_size=1, max_length=1)
+    if args.min_capacity is not None and not 0.0 < args.min_capacity <= 1.0:
+        raise UserError(f"--min-capacity={args.min_capacity}: must be in (0, 1]")
+    data = [args.data] if args.data is not None else []
+    if args.data is not None:
+        check_data_file(args.data)
+    output = check_output_dir(args.output, args.force, inputs=data)
     device, dtype = resolve_device(args.device, args.dtype)
-    model, tokenizer = load_model_and_tokenizer(args.model, device, dtype, need_tokenizer=args.data is not None)
-    if not routed_layers(model) and args.min_capacity is not None:
-        raise ValueError(f"{args.model} has no routers, so --min-capacity has nothing to compare with; "
-                         "use --num-layers N (with --data to rank the layers)")
+    source = find_model(args.model, args.revision)
+    check_output_dir(output, args.force, inputs=[*data, source.dir, source.base_dir])
+    depth = source.config.get("num_hidden_layers")
+    if args.num_layers is not None and depth is not None and args.num_layers > depth:
+        raise UserError(f"--num-layers={args.num_layers}: {args.model} has {depth} layers; valid: 1..{depth}")
+    if args.min_capacity is not None and not source.routed:
+        raise UserError(f"{args.model} has no routers, so --min-capacity has nothing to compare with; "
+                        "use --num-layers N (with --data to rank the layers)")
+    if args.data is not None:
+        length = max_length(args.max_length, source)
+        read_eval_records(args.data, args.max_samples)
+    tokenizer = load_tokenizer(source, required=args.data is not None)
+    model = load_model(source, device, dtype)
     before = capacities = similarity = batches = None
     if args.data is not None:
-        max_length = args.max_length or min(512, getattr(model.config, "max_position_embeddings", 512))
-        batches = load_batches(args.data, tokenizer, args.batch_size, max_length, args.max_samples)
+        batches = load_batches(args.data, tokenizer, args.batch_size, length, args.max_samples)
         before = evaluate(model, batches, desc="evaluating before export")
         capacities, similarity = before.capacity or None, before.similarity
     exported = export_static(model, min_capacity=args.min_capacity, num_layers=args.num_layers,
@@ -50,7 +71,7 @@ def run(args):
     info = exported.config.dlo_export
     record = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": os.path.abspath(args.model), "data": args.data, **info,
+        "source": source.label, "data": args.data, **info,
         "eval": None if before is None else {
             "tokens": before.loss_tokens,
             "before": {"loss": before.loss, "perplexity": before.perplexity},
@@ -59,7 +80,7 @@ def run(args):
     }
     if tokenizer is None:
         print(f"note: {args.model} has no tokenizer; the export is saved without one")
-    path = save_export(exported, args.output, tokenizer, record, force=args.force)
+    path = save_export(exported, output, tokenizer, record, force=args.force)
     print(summary(record))
     print(f"wrote {path} (loads with AutoModelForCausalLM.from_pretrained, no custom code)")
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from dlo.cli.common import add_model_arguments, load_model_and_tokenizer, resolve_device
+from dlo.cli.common import add_model_arguments, check_minimums, find_model, load_model, load_tokenizer, resolve_device
+from dlo.errors import UserError
 
 
 def add_parser(subparsers):
@@ -22,23 +25,25 @@ def run(args):
     from dlo.export import merge_lora
     from dlo.modeling import decoder_layers, routed_layers
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens={args.max_new_tokens}: must be >= 1")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature={args.temperature}: must be >= 0")
+    # Cheap checks first: the model is loaded only for a call that can succeed.
+    check_minimums(args, max_new_tokens=1)
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature={args.temperature}: must be a number >= 0 (0 = greedy)")
     device, dtype = resolve_device(args.device, args.dtype)
-    model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
-    model = merge_lora(model).eval()
+    source = find_model(args.model, args.revision)
+    positions = source.config.get("max_position_embeddings")
+    if positions is not None and args.max_new_tokens >= positions:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens}: the model has max_position_embeddings="
+                        f"{positions}, prompt included; valid: 1..{positions - 1}")
+    tokenizer = load_tokenizer(source)
+    ids = prompt_ids(tokenizer, args.prompt, args.chat, args.model)
+    if positions is not None and ids.shape[1] + args.max_new_tokens > positions:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens}: the prompt takes {ids.shape[1]} of the model's "
+                        f"max_position_embeddings={positions} positions; at most {positions - ids.shape[1]} new "
+                        "tokens fit")
+    model = merge_lora(load_model(source, device, dtype)).eval()
     routed = routed_layers(model)
     granularity = model.dlo_routing_config.granularity if routed else None
-    if args.chat:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"--chat: the tokenizer in {args.model} has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    else:
-        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     ids = ids.to(device)
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
@@ -51,6 +56,21 @@ def run(args):
     if routed and new.numel():
         print()
         print(layer_shares(model, out, ids.shape[1], len(decoder_layers(model)), tokenizer, granularity))
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool, model_name: str) -> torch.Tensor:
+    """(1, T) token ids of the prompt, as a user message through the chat template when ``chat``."""
+    if chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise UserError(f"--chat: the tokenizer of {model_name} has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise UserError(f"--prompt {prompt!r}: tokenises to no tokens; give some text")
+    return ids
 
 
 @torch.no_grad()

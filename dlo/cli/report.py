@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import os
 
-from dlo.cli.common import add_model_arguments, load_model_and_tokenizer, resolve_device
+from dlo.cli.common import (
+    add_model_arguments,
+    check_data_file,
+    check_minimums,
+    find_model,
+    load_model,
+    load_tokenizer,
+    max_length,
+    resolve_device,
+)
 
 
 def add_parser(subparsers):
@@ -13,34 +22,41 @@ def add_parser(subparsers):
     add_model_arguments(p)
     p.add_argument("--data", required=True,
                    help="JSONL with 'messages' (chat), 'prompt'/'completion' or 'text' records.")
-    p.add_argument("--output", required=True, help="Directory for report.json, *.png and tb/.")
-    p.add_argument("--max-samples", type=int, default=None, help="Read at most N records.")
+    p.add_argument("--output", required=True,
+                   help="Directory for report.json, *.png and tb/ (written atomically; must be new or empty).")
+    p.add_argument("--force", action="store_true", help="Replace a non-empty output directory (an older report).")
+    p.add_argument("--max-samples", type=int, default=None, help="Read at most N records (N >= 1).")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None,
                    help="Truncate records to this many tokens (default: min(512, max_position_embeddings)).")
-    p.add_argument("--examples", type=int, default=4, help="Sequences shown in the run/skip heatmap.")
+    p.add_argument("--examples", type=int, default=4, help="Sequences shown in the run/skip heatmap (0: none).")
     p.add_argument("--repeats", type=int, default=3, help="Timed repetitions (the median is reported).")
     p.add_argument("--warmup", type=int, default=1, help="Untimed repetitions before timing.")
 
 
 def run(args):
-    from dlo.evaluation import load_batches
+    from dlo.checkpoints import atomic_output_dir, check_output_dir
+    from dlo.evaluation import load_batches, read_eval_records
     from dlo.export import merge_lora
     from dlo.report import build_report, format_summary, write_report
 
-    if not os.path.isfile(args.data):
-        raise FileNotFoundError(f"data file {args.data!r} does not exist")
-    for name in ("batch_size", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    # Cheap checks first: nothing is loaded for a call that must fail.
+    check_minimums(args, max_samples=1, batch_size=1, max_length=1, examples=0, repeats=1, warmup=0)
+    check_data_file(args.data)
+    output = check_output_dir(args.output, args.force, inputs=[args.data])
     device, dtype = resolve_device(args.device, args.dtype)
-    model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
-    model = merge_lora(model).eval()  # the report describes the model as it would be deployed
-    max_length = args.max_length or min(512, getattr(model.config, "max_position_embeddings", 512))
-    batches = load_batches(args.data, tokenizer, args.batch_size, max_length, args.max_samples)
-    report, result = build_report(model, batches, model_path=args.model, data_path=args.data,
-                                  batch_size=args.batch_size, max_length=max_length, num_examples=args.examples,
+    source = find_model(args.model, args.revision)
+    inputs = [args.data, source.dir, source.base_dir]
+    check_output_dir(output, args.force, inputs)
+    length = max_length(args.max_length, source)
+    read_eval_records(args.data, args.max_samples)
+    tokenizer = load_tokenizer(source)
+    model = merge_lora(load_model(source, device, dtype)).eval()  # the report describes the deployed model
+    batches = load_batches(args.data, tokenizer, args.batch_size, length, args.max_samples)
+    report, result = build_report(model, batches, model_path=source.label, data_path=args.data,
+                                  batch_size=args.batch_size, max_length=length, num_examples=args.examples,
                                   warmup=args.warmup, repeats=args.repeats)
-    plots = write_report(report, result, args.output, tokenizer)
+    with atomic_output_dir(output, args.force, inputs) as tmp:
+        plots = write_report(report, result, tmp, tokenizer)
     print(format_summary(report))
-    print(f"\nwrote {os.path.join(args.output, 'report.json')}, {', '.join(plots)} and tb/ in {args.output}")
+    print(f"\nwrote {os.path.join(output, 'report.json')}, {', '.join(plots)} and tb/ in {output}")
