@@ -53,10 +53,10 @@ def saved_models(path, dtype):
     return routed, base
 
 
-def generate_seconds(model, ids, new_tokens):
+def generate_seconds(model, ids, new_tokens, **kwargs):
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, use_cache=True, pad_token_id=0)
+                   do_sample=False, use_cache=True, pad_token_id=0, **kwargs)
     if ids.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -82,17 +82,17 @@ def decode_routing_shares(model, ids, new_tokens):
     """(share of decode tokens that ran a routed layer, share of layer-steps where no row ran)."""
     ran = steps = idle = 0
 
-    def count(layer, args, output):
+    def count(layer, args, kwargs, output):
         nonlocal ran, steps, idle
-        selected = layer.last.selected  # (B, T)
+        selected = kwargs["dlo_routing"].records[layer.layer_index].selected  # (B, T)
         if selected.shape[1] == 1:  # a decode step
             ran += int(selected.sum())
             steps += 1
             idle += int(not selected.any())
 
-    hooks = [layer.register_forward_hook(count) for layer in dlo.routed_layers(model)]
+    hooks = [layer.register_forward_hook(count, with_kwargs=True) for layer in dlo.routed_layers(model)]
     try:
-        generate_seconds(model, ids, new_tokens + 1)
+        generate_seconds(model, ids, new_tokens + 1, output_router_logits=True)  # layers report their decisions
     finally:
         for hook in hooks:
             hook.remove()

@@ -26,6 +26,7 @@ import argparse
 import copy
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import common
 import torch
@@ -106,17 +107,29 @@ def build(args, device, dtype):
     for granularity in ("block", "mlp"):
         twin = dlo.attach_routers(copy.deepcopy(model), dlo.RoutingConfig(layers="all", granularity=granularity,
                                                                           label="self")).train()
-        routed[granularity] = dlo.routed_layers(twin)[0]
-    torch.nn.init.normal_(routed["block"].router.weight, std=args.d**-0.5)
-    routed["mlp"].router.load_state_dict(routed["block"].router.state_dict())
+        routed[granularity] = RoutedTwin(dlo.routed_layers(twin)[0], dlo.routing_state(twin))
+    torch.nn.init.normal_(routed["block"].layer.router.weight, std=args.d**-0.5)
+    routed["mlp"].layer.router.load_state_dict(routed["block"].layer.router.state_dict())
     return model, model.model.layers[0], routed
+
+
+@dataclass
+class RoutedTwin:
+    """A routed layer and the RoutingState of its one-layer model, which hands it its training inputs."""
+
+    layer: torch.nn.Module
+    state: object
+
+    def at_capacity(self, c: float, x: torch.Tensor):
+        """The layer and its RoutingInputs for a training forward of ``x`` at capacity ``c``."""
+        with torch.no_grad():
+            self.layer.capacity.fill_(c)
+        return self.layer, self.state.inputs(True, x.shape[1], None, False, x.device)
 
 
 def approaches(stock, routed, c, x, pos, pe):
     """{name: (fn(h) -> y, input, parameters)} at capacity c; 'packed' gets its own pre-gathered input."""
-    block, mlp = routed["block"], routed["mlp"]
-    block.set_target_capacity(c)
-    mlp.set_target_capacity(c)
+    (block, block_inputs), (mlp, mlp_inputs) = routed["block"].at_capacity(c, x), routed["mlp"].at_capacity(c, x)
     router, beta = block.router, block.beta
     with torch.no_grad():
         idx = top_k(router(x).squeeze(-1).float(), c).nonzero()[:, 1].view(x.shape[0], -1)  # (B, k) ascending
@@ -124,7 +137,8 @@ def approaches(stock, routed, c, x, pos, pe):
     pe_packed = tuple(t[0][idx] for t in pe)
     stock_params = list(stock.parameters())
     peer_params = [*stock_params, *router.parameters()]
-    call = lambda layer: lambda h: layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+    call = lambda layer, inputs=None: lambda h: layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe,
+                                                       dlo_routing=inputs)
 
     def peer(make):
         run = make(stock, router, beta, c)
@@ -132,8 +146,8 @@ def approaches(stock, routed, c, x, pos, pe):
 
     return {
         "dense": (call(stock), x, stock_params),
-        "block": (call(block), x, list(block.parameters())),
-        "mlp": (call(mlp), x, list(mlp.parameters())),
+        "block": (call(block, block_inputs), x, list(block.parameters())),
+        "mlp": (call(mlp, mlp_inputs), x, list(mlp.parameters())),
         "packed": (lambda h: stock(h, attention_mask=None, position_ids=idx, position_embeddings=pe_packed),
                    x_packed, stock_params),
         "mask": (peer(mask_peer), x, peer_params),
@@ -147,9 +161,8 @@ def check(stock, routed, c, x, pos, pe):
     diffs = {}
     with torch.no_grad():
         for name, make in (("block", boolidx_peer), ("mlp", mlp_reference)):
-            layer = routed[name]
-            layer.set_target_capacity(c)
-            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            layer, inputs = routed[name].at_capacity(c, x)
+            y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe, dlo_routing=inputs)
             ref = make(stock, layer.router, layer.beta, c)(x, pos, pe)
             torch.testing.assert_close(y, ref, **tol, msg=lambda m, name=name: f"{name} at c={c}: {m}")
             diffs[name] = (y - ref).abs().max().item()

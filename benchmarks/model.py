@@ -10,7 +10,8 @@ layer, dlo.ExpansionPlan.llama_pro) to --layers layers; routers go on the copies
   block    routers on the copies, block granularity, capacity c
   mlp      the same with mlp granularity
 "fwd+bwd" is the task loss's forward and backward; "step" a training step: forward, task loss plus
---router-loss-weight x dlo.router_loss (labels --label; "self" needs no dense similarity pass),
+--router-loss-weight x the router loss, which the routed model adds to its loss (labels --label; "self"
+needs no dense similarity pass),
 backward, AdamW step. The candidates take turns in each of --repeats rounds after --warmup rounds;
 figures are medians, ratios the median of per-round ratios to dense (spread: min-max). "flops" is
 the analytic forward-FLOPs ratio (dlo.flops), the limit the measured ratio would reach if every
@@ -63,10 +64,7 @@ def closures(models, ids, optimizers):
 
     def train_step(model, opt):
         def go():
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            if hasattr(model, "dlo_routing_config"):
-                loss = loss + model.dlo_routing_config.router_loss_weight * dlo.router_loss(model).loss
-            loss.backward()
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # routed: task + weighted router loss
             opt.step()
             opt.zero_grad(set_to_none=True)
         return go

@@ -9,8 +9,16 @@ from dlo.config import RoutingConfig
 from dlo.expansion import ExpansionPlan, expand_model
 from dlo.export import export_static
 from dlo.losses import router_loss
-from dlo.modeling import attach_routers, forced_routing, load_model, routed_layers, set_capacity
-from dlo.schedules import apply_capacity_schedule
+from dlo.modeling import (
+    RoutedCausalLMOutput,
+    attach_routers,
+    forced_routing,
+    load_model,
+    routed_layers,
+    routing_state,
+    set_capacity,
+)
+from dlo.trainer import DloTrainer, RoutingLogCallback, add_routing_callback
 
 __version__ = "0.1.0"
 
@@ -19,13 +27,17 @@ __all__ = [
     "expand_model",
     "export_static",
     "RoutedCache",
+    "RoutedCausalLMOutput",
     "RoutingConfig",
-    "apply_capacity_schedule",
+    "DloTrainer",
+    "RoutingLogCallback",
+    "add_routing_callback",
     "attach_routers",
     "calibrate",
     "forced_routing",
     "load_model",
     "routed_layers",
     "router_loss",
+    "routing_state",
     "set_capacity",
 ]

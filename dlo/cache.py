@@ -152,6 +152,18 @@ class RoutedCache(DynamicCache):
 
     def __init__(self, config, routed_layers: Iterable[int]):
         super().__init__(config=config)
+        self._route_layers(routed_layers)
+
+    @classmethod
+    def adopt(cls, cache: DynamicCache, routed_layers: Iterable[int]) -> RoutedCache:
+        """Turn an empty stock ``DynamicCache`` into a RoutedCache in place (the caller keeps its object)."""
+        if type(cache) is not DynamicCache or cache.get_seq_length() > 0:
+            raise ValueError(f"only an empty DynamicCache can become a RoutedCache, got {type(cache).__name__}")
+        cache.__class__ = cls
+        cache._route_layers(routed_layers)
+        return cache
+
+    def _route_layers(self, routed_layers: Iterable[int]):
         for i in routed_layers:
             if type(self.layers[i]) is not DynamicLayer:
                 raise NotImplementedError(

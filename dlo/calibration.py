@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from dlo.losses import quantiles
 from dlo.modeling import routed_layers
 from dlo.routing import NUM_QUANTILES
 
@@ -50,21 +51,24 @@ def calibrate(model, data: Iterable, tokenizer=None, batch_size: int = 8, max_le
     levels = torch.linspace(0, 1, NUM_QUANTILES, device=device)
     try:
         for layer in tqdm(layers, desc="calibrating thresholds", disable=not progress):
-            def stop(module, args, output):
+            scores: list[torch.Tensor] = []
+
+            def stop(module, args, kwargs, output, scores=scores):
+                # The layer's decisions come back in its routing inputs; nothing after it needs to run.
+                record = kwargs["dlo_routing"].records[module.layer_index]
+                scores.append(torch.sigmoid(record.logits)[record.valid].float())
                 raise _StopForward
 
-            handle = layer.register_forward_hook(stop)
-            scores = []
+            handle = layer.register_forward_hook(stop, with_kwargs=True)
             try:
                 for batch in batches:
                     try:
-                        model(**batch, use_cache=False)
+                        model(**batch, use_cache=False, output_router_logits=True)
                     except _StopForward:
-                        record = layer.last
-                        scores.append(torch.sigmoid(record.logits)[record.valid].float())
+                        pass
             finally:
                 handle.remove()
-            layer.score_quantiles.copy_(torch.quantile(torch.cat(scores), levels))
+            layer.score_quantiles.copy_(quantiles(torch.cat(scores), levels))
     finally:
         model.train(was_training)
     return [float(layer.threshold()) for layer in layers]

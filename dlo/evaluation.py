@@ -144,14 +144,16 @@ def evaluate(model, batches: list[dict], num_examples: int = 0, max_scores: int 
             batch = {k: v.to(device) for k, v in batch.items()}
             mask = batch["attention_mask"].bool()
             valid_now["mask"] = mask.float()
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                        **({"output_router_logits": True} if routed else {}))
+            logits = out.logits
+            records = dict(zip((layer.layer_index for layer in routed), out.routing)) if routed else {}
             nll, n = _token_nll(logits, batch["labels"])
             nll_total += float(nll)
             counted += int(n)
             tokens += int(mask.sum())
             sequences += mask.shape[0]
-            for layer in routed:
-                record, i = layer.last, layer.layer_index
+            for i, record in records.items():
                 selected[i] += int((record.selected & record.valid).sum())
                 s = torch.sigmoid(record.logits)[record.valid].float().cpu()
                 score_sum[i] += float(s.sum())
@@ -162,8 +164,8 @@ def evaluate(model, batches: list[dict], num_examples: int = 0, max_scores: int 
                     break
                 length = int(mask[row].sum())
                 run = torch.ones(len(layers), length, dtype=torch.bool)
-                for layer in routed:
-                    run[layer.layer_index] = layer.last.selected[row, :length].cpu()
+                for i, record in records.items():
+                    run[i] = record.selected[row, :length].cpu()
                 examples.append({"input_ids": batch["input_ids"][row, :length].tolist(), "run": run})
     finally:
         for handle in handles:

@@ -31,15 +31,15 @@ import copy
 import json
 import os
 import re
-from contextlib import contextmanager
 
 import torch
 
 from dlo.checkpoints import atomic_output_dir
-from dlo.modeling import decoder_layers, routed_layers, stock_model_class
+from dlo.modeling import STATE_MODULE, decoder_layers, routed_layers, stock_model_class
+from dlo.routing import ROUTING_BUFFERS
 
 # Tensors a routed layer adds to the stock layer's own.
-ROUTER_TENSORS = ("router.weight", "router.bias", "capacity", "score_quantiles")
+ROUTER_TENSORS = ("router.weight", "router.bias", *ROUTING_BUFFERS)
 
 
 def merge_lora(model):
@@ -136,6 +136,8 @@ def export_static(model, min_capacity: float | None = None, num_layers: int | No
 
     def rename(key: str) -> str | None:
         """Key in the exported model, or None when the tensor does not go there."""
+        if key.split(".")[0] == STATE_MODULE:  # the routing step: training state of the routed model only
+            return None
         match = pattern.match(key)
         if match is None:
             return key
@@ -165,43 +167,6 @@ def export_static(model, min_capacity: float | None = None, num_layers: int | No
         raise RuntimeError(f"export left tensors without data: {still_meta[:5]}")
     exported.generation_config = copy.deepcopy(model.generation_config)
     return exported.eval()
-
-
-class _ForcedState:
-    """A routed layer's view of the shared RoutingState with its own ``force``."""
-
-    def __init__(self, shared, force: str):
-        self._shared = shared
-        self.force = force
-
-    def __getattr__(self, name):
-        return getattr(self._shared, name)
-
-
-@contextmanager
-def forced_layers(model, run: list[int] = (), skip: list[int] = ()):
-    """Temporarily force routed layers (by layer index) to run every token or to skip every token.
-
-    Forced-run layers use gate 1 (β = 0), which is what an exported dense layer computes. Layers
-    named in neither list route as usual.
-    """
-    by_index = {layer.layer_index: layer for layer in routed_layers(model)}
-    unknown = sorted((set(run) | set(skip)) - set(by_index))
-    if unknown:
-        raise ValueError(f"layers {unknown} are not routed (routed: {sorted(by_index)})")
-    if set(run) & set(skip):
-        raise ValueError(f"layers {sorted(set(run) & set(skip))} are asked to both run and skip")
-    saved = {i: (layer.state, layer.beta) for i, layer in by_index.items()}
-    try:
-        for mode, indices in (("run", run), ("skip", skip)):
-            for i in indices:
-                by_index[i].state = _ForcedState(by_index[i].state, mode)
-                if mode == "run":
-                    by_index[i].beta = 0.0
-        yield model
-    finally:
-        for i, (state, beta) in saved.items():
-            by_index[i].state, by_index[i].beta = state, beta
 
 
 def save_export(model, output: str, tokenizer=None, record: dict | None = None, force: bool = False) -> str:

@@ -1,9 +1,11 @@
-"""Routed models: attach routers to a *ForCausalLM, save, and load back.
+"""Routed models: attach routers to a *ForCausalLM, run them, save, and load back.
 
-``attach_routers`` swaps the model's class for ``Dlo<Base>`` (a subclass of the stock class, so
-the model stays e.g. a ``LlamaForCausalLM``), which knows how to rebuild its routers from the
-config, records the padding mask for the routed layers, and saves a ``modeling_dlo.py`` shim so
-``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it too.
+``attach_routers`` swaps the model's class for ``Dlo<Base>`` (a subclass of the stock class, so the
+model stays e.g. a ``LlamaForCausalLM``). Its forward follows the convention of transformers' routed
+(MoE) models: the padding mask and this forward's routing inputs reach each routed layer as an input,
+the layers' decisions come back in the output, and in training with ``labels`` the output's ``loss``
+already holds ``task_loss + router_loss_weight * router_loss`` (both also returned apart). Any training
+loop therefore trains a routed model correctly.
 """
 
 from __future__ import annotations
@@ -11,63 +13,95 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import transformers
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from dlo.cache import RoutedCache
 from dlo.config import RoutingConfig
-from dlo.routing import CACHE_KWARGS, RoutedDecoderLayer, RoutingState, routed_layer_class
+from dlo.distributed import all_reduce_sum
+from dlo.losses import router_loss
+from dlo.routing import CACHE_KWARGS, FORCE_MODES, RoutedDecoderLayer, RouterRecord, routed_layer_class
+from dlo.state import RoutingState
 
 ATTENTION_FOR_BLOCK = ("sdpa", "eager")
+STATE_MODULE = "dlo_routing_state"
+
+
+@dataclass
+class RoutedCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the routing terms (set in training, or with ``output_router_logits``).
+
+    loss: task_loss + router_loss_weight * (router loss normalised like the task loss under gradient
+    accumulation and across ranks). task_loss: the stock model's loss. router_loss: this forward's
+    router BCE, mean over routed layers and valid tokens (what is logged). router_logits: (B, T) per
+    routed layer. routing: what each routed layer decided (``dlo.routing.RouterRecord``), in layer order.
+    """
+
+    task_loss: torch.FloatTensor | None = None
+    router_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    routing: tuple[RouterRecord, ...] | None = None
 
 
 class DloRoutedMixin:
     """Behaviour added to a stock *ForCausalLM class once routers are attached."""
+
+    _dlo_base_class: type
+
+    @property
+    def dlo_routing_config(self) -> RoutingConfig:
+        """The routing configuration (owned by the model's RoutingState)."""
+        return getattr(self, STATE_MODULE).config
+
+    @dlo_routing_config.setter
+    def dlo_routing_config(self, config: RoutingConfig):
+        getattr(self, STATE_MODULE).config = config
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         info = getattr(config, "dlo_routing", None)
         if info is None:
             raise ValueError("config has no 'dlo_routing' entry: this checkpoint carries no routers")
-        _install_routers(self, RoutingConfig.from_dict(info["config"]), info["routed_layers"],
-                         info["capacities"])
+        _install_routers(self, RoutingConfig.from_dict(info["config"]), info["routed_layers"], info["capacities"])
 
-    def forward(self, input_ids=None, attention_mask=None, *args, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, *args, labels=None, output_router_logits=None,
+                num_items_in_batch=None, **kwargs):
         # `labels` is named in the signature: HF Trainer looks for it there to compute eval loss.
-        state: RoutingState = self._dlo_state
-        state.token_mask = attention_mask
+        state: RoutingState = getattr(self, STATE_MODULE)
         if self.training:
-            every = self.dlo_routing_config.similarity_every
-            state.similarity_due = self.dlo_routing_config.label != "self" and state.forward_count % every == 0
-            state.forward_count += 1
+            _check_checkpointing(self)
         else:
-            state.similarity_due = False
-            use_cache = kwargs.get("use_cache")
-            no_cache = all(kwargs.get(k) is None for k in CACHE_KWARGS)
-            if no_cache and (self.config.use_cache if use_cache is None else use_cache):
-                kwargs["cache"] = self._dlo_new_cache()  # the stock DynamicCache would be wrong for block routing
-        try:
-            return super().forward(input_ids, attention_mask, *args, labels=labels, **kwargs)
-        finally:
-            state.token_mask = None
-
-    def _dlo_new_cache(self):
-        """A RoutedCache when some layer is block-routed, else None (the model makes its stock cache)."""
-        block = [layer.layer_index for layer in routed_layers(self) if layer.granularity == "block"]
-        return RoutedCache(self.config.get_text_config(decoder=True), block) if block else None
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() decodes block-routed models with a RoutedCache (mlp routing: the stock cache)."""
-        if generation_config.use_cache is not False and model_kwargs.get("cache") is None:
-            cache = self._dlo_new_cache()
-            if cache is not None:
-                if generation_config.cache_implementation not in (None, "dynamic"):
-                    raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not "
-                                     "supported with block routing: dlo.RoutedCache is dynamic")
-                model_kwargs["cache"] = cache
-                return
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+            kwargs = _with_routed_cache(self, kwargs)
+        embeds = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        routing = state.inputs(self.training, embeds.shape[1], attention_mask, bool(output_router_logits),
+                               embeds.device)
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        out = super().forward(input_ids, attention_mask, *args, labels=labels, dlo_routing=routing, **kwargs)
+        if not routing.collect:
+            return out
+        records = tuple(routing.records[layer.layer_index] for layer in state.layers
+                        if layer.layer_index in routing.records)
+        result = RoutedCausalLMOutput(**out, task_loss=out.loss, router_logits=tuple(r.logits for r in records),
+                                      routing=records)
+        if routing.training and len(records) == len(state.layers):
+            rl = router_loss(list(records), state.config)
+            result.router_loss = rl.loss
+            label_tokens = _label_tokens(labels, kwargs.get("shift_labels"), rl.loss.device)
+            if out.loss is not None:
+                term = _normalised_router_term(rl, records, label_tokens, num_items_in_batch)
+                result.loss = out.loss + state.config.router_loss_weight * term
+                task_mean = out.loss.detach() * (num_items_in_batch / label_tokens.clamp(min=1)
+                                                 if num_items_in_batch is not None else 1.0)
+            else:
+                task_mean = torch.zeros((), device=rl.loss.device)
+            state.observe(list(records), rl.labels,
+                          {"router_loss": rl.loss, "task_loss": task_mean, "label": label_tokens})
+        return result
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         _sync_config(self)
@@ -84,6 +118,74 @@ class DloRoutedMixin:
             fh.write(shim)
 
 
+def _label_tokens(labels, shift_labels, device) -> torch.Tensor:
+    """Tokens that carry a task label in this forward, counted as causal LM losses count them (shifted)."""
+    if shift_labels is not None:
+        return (shift_labels != -100).sum()
+    if labels is None:
+        return torch.zeros((), dtype=torch.long, device=device)
+    return (labels[..., 1:] != -100).sum()
+
+
+def _normalised_router_term(rl, records, label_tokens, num_items_in_batch) -> torch.Tensor:
+    """The router loss as it enters ``loss``, normalised the way the task loss is.
+
+    Without ``num_items_in_batch`` the task loss is this batch's mean: so is the router term. With it
+    (HF Trainer: label tokens of the whole optimizer step, summed over ranks) the task loss is a share of
+    the step's mean; the router term then is this micro-batch's token-mean over every rank, weighted by
+    the micro-batch's share of label tokens, so the terms of one step sum to a mean exactly as one
+    process with the whole batch computes it.
+    """
+    if num_items_in_batch is None:
+        return rl.loss
+    counts = torch.stack([records[0].valid.sum(), label_tokens]).to(rl.loss.device, torch.float64)
+    valid_all, labels_all = _all_reduce_counts(counts)
+    return rl.token_loss_sum / valid_all.clamp(min=1) * (labels_all / num_items_in_batch)
+
+
+@torch.compiler.disable
+def _all_reduce_counts(counts: torch.Tensor):
+    total = all_reduce_sum(counts)
+    return total[0].float(), total[1].float()
+
+
+def _check_checkpointing(model):
+    for layer in routed_layers(model):
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if layer.gradient_checkpointing and getattr(func, "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                "gradient checkpointing with use_reentrant=True runs layers under no_grad, so the router loss "
+                "would get no gradient; enable it with gradient_checkpointing_kwargs={'use_reentrant': False} "
+                "(transformers' default)"
+            )
+
+
+def _with_routed_cache(model, kwargs: dict) -> dict:
+    """Inference kwargs whose KV cache suits block routing: a RoutedCache where the model would build a stock
+    cache, and an empty stock DynamicCache (generate's, or the caller's) made routed in place."""
+    block = [layer.layer_index for layer in routed_layers(model) if layer.granularity == "block"]
+    if not block:
+        return kwargs
+    name = next((k for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+    cache = kwargs.get(name) if name else None
+    if isinstance(cache, RoutedCache):
+        return kwargs
+    if cache is None:
+        use_cache = kwargs.get("use_cache")
+        if model.config.use_cache if use_cache is None else use_cache:
+            kwargs = {**kwargs, "cache": RoutedCache(model.config.get_text_config(decoder=True), block)}
+        return kwargs
+    if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+        RoutedCache.adopt(cache, block)
+        return kwargs
+    kind = type(cache).__name__ if isinstance(cache, Cache) else repr(cache)
+    state = "holding tokens" if type(cache) is DynamicCache else "of this kind"
+    raise ValueError(
+        f"a {kind} {state} cannot hold the keys/values of block-routed layers {block} (each keeps only the "
+        "tokens it ran); use the dynamic cache (generate's default, or none): dlo makes it a dlo.RoutedCache"
+    )
+
+
 _ROUTED_MODEL_CLASSES: dict[type, type] = {}
 
 
@@ -95,14 +197,18 @@ def routed_model_class(base: type) -> type:
         no_split = list(getattr(base, "_no_split_modules", None) or [])
         no_split += [f"Routed{name}" for name in no_split]
         _ROUTED_MODEL_CLASSES[base] = type(
-            f"Dlo{base.__name__}", (DloRoutedMixin, base), {"__module__": __name__, "_no_split_modules": no_split}
+            f"Dlo{base.__name__}", (DloRoutedMixin, base),
+            {"__module__": __name__, "_no_split_modules": no_split, "_dlo_base_class": base},
         )
     return _ROUTED_MODEL_CLASSES[base]
 
 
 def stock_model_class(model) -> type:
-    """The stock transformers class under dlo's routed model class (the class itself for plain models)."""
-    return next(c for c in type(model).__mro__ if not issubclass(c, DloRoutedMixin))
+    """The stock transformers class of ``model``: the one its routed class was made from (wrappers such as
+    FSDP's, which subclass the routed class, are looked through)."""
+    if isinstance(model, DloRoutedMixin):
+        return type(model)._dlo_base_class
+    return type(model)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -115,6 +221,14 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def routed_layers(model) -> list[RoutedDecoderLayer]:
     return [layer for layer in decoder_layers(model) if isinstance(layer, RoutedDecoderLayer)]
+
+
+def routing_state(model) -> RoutingState:
+    """The RoutingState of a routed model (also under peft / DDP / accelerate wrappers)."""
+    for module in model.modules():
+        if isinstance(module, RoutingState):
+            return module
+    raise ValueError(f"{type(model).__name__} has no routers; call dlo.attach_routers first")
 
 
 def new_layer_indices(config) -> list[int]:
@@ -150,23 +264,23 @@ def _install_routers(model, config: RoutingConfig, indices: list[int], capacitie
     bad = [i for i in indices if not (0 <= i < len(layers))]
     if bad:
         raise ValueError(f"routed layer indices {bad} out of range [0, {len(layers) - 1}]")
-    state = RoutingState()
+    routed = []
     for routed_index, (i, capacity) in enumerate(zip(indices, capacities)):
         stock = layers[i]
         cls = routed_layer_class(type(stock))
         layers[i] = cls(stock, layer_index=i, routed_index=routed_index, capacity=capacity,
-                        granularity=config.granularity, beta=config.beta, state=state)
-    model._dlo_state = state
-    model.dlo_routing_config = config
+                        granularity=config.granularity, beta=config.beta)
+        routed.append(layers[i])
+    model.add_module(STATE_MODULE, RoutingState(config, routed))
 
 
 def _sync_config(model):
-    """Mirror routing config, per-layer capacities and thresholds into model.config (JSON-safe)."""
+    """Mirror routing config, per-layer capacities and thresholds into model.config (JSON-safe) for saving."""
     layers = routed_layers(model)
     model.config.dlo_routing = {
-        "config": model.dlo_routing_config.to_dict(),
+        "config": getattr(model, STATE_MODULE).config.to_dict(),
         "routed_layers": [layer.layer_index for layer in layers],
-        "capacities": [float(layer.capacity) for layer in layers],
+        "capacities": [layer.target_capacity for layer in layers],
         "thresholds": [float(layer.threshold()) for layer in layers],
         # The stock class, so readers know what to build without our code.
         "base_architecture": stock_model_class(model).__name__,
@@ -198,8 +312,6 @@ def load_model(path: str, capacity: float | list[float] | None = None, **kwargs)
             f"{path}: routing config disagrees with the weights (routed layers {info['routed_layers']}); "
             f"mismatched router tensors: {router_problems[:6]}"
         )
-    for layer in routed_layers(model):
-        layer.target_capacity = float(layer.capacity)
     if capacity is not None:
         set_capacity(model, capacity)
     return model
@@ -208,23 +320,37 @@ def load_model(path: str, capacity: float | list[float] | None = None, **kwargs)
 def set_capacity(model, capacity: float | list[float]):
     """Set per-layer target capacities (one value or one per routed layer); thresholds follow."""
     layers = routed_layers(model)
-    values = capacity if isinstance(capacity, (list, tuple)) else [capacity] * len(layers)
+    values = list(capacity) if isinstance(capacity, (list, tuple)) else [capacity] * len(layers)
     if len(values) != len(layers):
-        raise ValueError(f"capacity has {len(values)} values for {len(layers)} routed layers")
-    for layer, c in zip(layers, values):
-        if not (0.0 < float(c) <= 1.0):
-            raise ValueError(f"capacity={c}: must be in (0, 1]")
-        layer.set_target_capacity(c)
+        raise ValueError(f"capacity has {len(values)} values for {len(layers)} routed layers; give one or one each")
+    for c in values:
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0.0 < float(c) <= 1.0):
+            raise ValueError(f"capacity={c!r}: must be a number in (0, 1]")
+    with torch.no_grad():
+        for layer, c in zip(layers, values):
+            layer.capacity.fill_(float(c))
 
 
 @contextmanager
-def forced_routing(model, mode: str | None):
-    """Temporarily force every routed layer to run ('run') or skip ('skip') all tokens."""
-    if mode not in ("run", "skip", None):
-        raise ValueError(f"mode={mode!r}: expected 'run', 'skip' or None")
-    state: RoutingState = model._dlo_state
-    previous, state.force = state.force, mode
+def forced_routing(model, mode: str | None, layers: list[int] | None = None):
+    """Temporarily force routed layers (all, or those with the given layer indices) to run every token
+    exactly as the stock layer does (``'run'``: gate 1) or to skip every token (``'skip'``)."""
+    if mode not in (*FORCE_MODES, None):
+        raise ValueError(f"mode={mode!r}: expected one of {FORCE_MODES} or None")
+    state = routing_state(model)
+    routed = [layer.layer_index for layer in state.layers]
+    chosen = routed if layers is None else list(layers)
+    unknown = sorted(set(chosen) - set(routed))
+    if unknown:
+        raise ValueError(f"layers {unknown} are not routed (routed: {routed})")
+    previous = dict(state.force)
+    for i in chosen:
+        if mode is None:
+            state.force.pop(i, None)
+        else:
+            state.force[i] = mode
     try:
         yield model
     finally:
-        state.force = previous
+        state.force.clear()
+        state.force.update(previous)

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from dlo import flops as F
 from dlo.evaluation import EvalResult, evaluate, perplexity
-from dlo.modeling import decoder_layers, forced_routing, routed_layers, stock_model_class
+from dlo.modeling import decoder_layers, forced_routing, routed_layers, routing_state, stock_model_class
 
 SCHEMA_VERSION = 1
 FLOPS_CONVENTION = ("forward FLOPs per token, multiply-add = 2; attention scores causal, averaged over positions: "
@@ -135,6 +135,8 @@ def measure_timing(model, batch: dict, warmup: int = 1, repeats: int = 3, progre
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
+        if routed:
+            routing_state(model).discard_observations()  # timed steps take no optimizer step
     median = {key: statistics.median(values) for key, values in times.items()}
 
     def pair(name):

@@ -1,20 +1,27 @@
-"""Per-token routed decoder layers (DESIGN.md §2.2-2.3).
+"""Per-token routed decoder layers (docs/DESIGN.md §2-3).
 
-A ``RoutedDecoderLayer`` wraps a stock HF decoder layer (Llama, Mistral, Qwen2: pre-norm
-attention + MLP). It registers the stock layer's own submodules under their own names, so
-checkpoint keys stay ``model.layers.{i}.self_attn...``; the only new keys are the router's.
+A ``RoutedDecoderLayer`` wraps a stock HF decoder layer. It registers the stock layer's own
+submodules under their own names, so checkpoint keys stay ``model.layers.{i}.self_attn...``; the only
+new keys are the router's and two buffers (``capacity``, ``score_quantiles``).
 
-Training selects, per sequence, the top-k tokens by router score (k = ceil(c * n) of the row's
-n valid tokens, inside a static (B, ceil(c * T)) index: no host sync, ties broken by position).
-Inference selects causally: a token runs when its score reaches the layer's calibrated threshold.
-Selected tokens are gathered into a packed (B, K, d) batch, the layer runs on that batch with the
-tokens' original positions, and the result is combined back:  y = h + g * (F(h) - h),  g = 1 + beta * (score - 1/2).
+Data flow of one forward: what the layer needs arrives as inputs (the stock layer's arguments, plus a
+``RoutingInputs`` from the routed model: the padding mask, this forward's capacities and packed widths,
+forced decisions), and what it decides goes back to the caller in ``RoutingInputs.records``. The layer
+keeps no state between forwards, so a gradient-checkpointing recomputation takes exactly the decisions
+of its original forward.
+
+Training selects, per sequence, the top-k tokens by router score (k = ceil(c * n) of the row's n valid
+tokens, inside a (B, K) index whose width K the model fixes per forward: no host sync, ties broken by
+position). Inference selects causally: a token runs when its score reaches the layer's threshold.
+Selected tokens are gathered into a packed (B, K, d) batch, the stock layer's own forward runs on it
+with the tokens' original positions, and the result is combined back:
+y = h + g * (F(h) - h), g = 1 + beta * (score - 1/2).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,204 +30,230 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from dlo import ops
 from dlo.cache import RoutedLayer
 
-# Submodules a decoder layer must have for us to route it.
-REQUIRED_SUBMODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 # Score quantile levels tracked per layer; inference thresholds interpolate between them.
 NUM_QUANTILES = 101
 # Names under which transformers passes the KV cache to a decoder layer (5.x renamed it).
 CACHE_KWARGS = ("cache", "past_key_values")
+# Decoder layers whose structure dlo has verified for `mlp` routing: pre-norm attention then pre-norm MLP
+# (input_layernorm, self_attn, post_attention_layernorm, mlp), each added to the residual, nothing else.
+MLP_ROUTABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+FORCE_MODES = ("run", "skip")
+# Buffers a routed layer adds to the stock layer's tensors (kept fp32 whatever the model's dtype).
+ROUTING_BUFFERS = ("capacity", "score_quantiles")
 
 
 @dataclass
 class RouterRecord:
-    """What one routed layer decided in its last forward (read by losses and statistics)."""
+    """What one routed layer decided in one forward."""
 
     logits: torch.Tensor  # (B, T) router logits, fp32, carries grad in training
     selected: torch.Tensor  # (B, T) bool: token ran the layer
     valid: torch.Tensor  # (B, T) bool: not padding
-    capacity: float  # effective capacity used for this forward
-    similarity: torch.Tensor | None  # (B, T) cos(h, F(h)) when computed, else None
+    capacity: torch.Tensor  # () float64: capacity this forward selected with (annealed in training)
+    similarity: torch.Tensor | None = None  # (B, T) cos(h, F(h)) when computed, else None
 
 
-class RoutingState:
-    """Per-model mutable state shared by all routed layers of one model."""
+@dataclass
+class RoutingInputs:
+    """What the routed model hands every routed layer for one forward, and where the layers answer.
 
-    def __init__(self):
-        self.token_mask: torch.Tensor | None = None  # (B, T_total) 2-D padding mask of the current forward
-        self.forward_count = 0  # training forwards seen; drives the similarity refresh period
-        self.similarity_due = False
-        self.force: str | None = None  # None | "run" | "skip": override decisions (analysis, export)
-        self.anneal_fraction = 1.0  # 0 = capacity 1.0 everywhere, 1 = the targets
+    Built by the model's forward (``RoutingState.inputs``); a layer reads its entries by its routed index.
+    """
 
-    def valid_tokens(self, batch: int, seq_len: int, device) -> torch.Tensor | None:
+    training: bool
+    token_mask: torch.Tensor | None = None  # (B, S) bool padding mask of the sequence so far, None: no padding
+    capacity: torch.Tensor | None = None  # (L,) float64 capacity of each routed layer in this forward
+    packed_width: tuple[int, ...] = ()  # training: K = ceil(c * T) per routed layer (static shapes)
+    similarity: bool = False  # training: compute cos(h, F(h)) for the similarity labels
+    force: dict[int, str] = field(default_factory=dict)  # layer index -> "run" | "skip"
+    collect: bool = True  # write records (training, or output_router_logits at inference)
+    records: dict[int, RouterRecord] = field(default_factory=dict)  # layer index -> its decisions
+
+    def valid_tokens(self, batch: int, seq_len: int) -> torch.Tensor | None:
         """(B, T) bool validity of the current chunk of tokens, or None when nothing is padded."""
         if self.token_mask is None:
             return None
-        mask = self.token_mask[:, -seq_len:].to(device=device, dtype=torch.bool)
-        return mask.expand(batch, seq_len)
+        return self.token_mask[:, -seq_len:].expand(batch, seq_len)
 
 
-def static_budget(capacity: float, seq_len: int) -> int:
+def packed_width(capacity: float, seq_len: int) -> int:
     """K = ceil(c * T): the packed width in training, the same for every row (static shapes)."""
-    return min(seq_len, math.ceil(capacity * seq_len))
+    return max(1, min(seq_len, math.ceil(capacity * seq_len)))
 
 
-def row_budget(capacity: float, valid: torch.Tensor) -> torch.Tensor:
+def row_budget(capacity: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """k_b = ceil(c * n_b) per row of ``valid`` (B, T) bool, n_b its valid tokens: (B,) long, no host sync."""
     return torch.ceil(valid.sum(1, dtype=torch.float64) * capacity).long()
+
+
+def threshold_from_quantiles(quantiles: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """Score threshold at which a share ``capacity`` of tokens runs, from tracked score quantiles.
+
+    quantiles: (..., Q) at levels linspace(0, 1, Q); capacity: (...) -> (...). Interpolates at level
+    1 - c. Capacity 1.0 gives threshold 0: every token runs, also one scoring below every tracked score.
+    """
+    q = quantiles.shape[-1]
+    pos = (1.0 - capacity.float()) * (q - 1)
+    lo = pos.floor().clamp(0, q - 2).long()
+    w = (pos - lo).unsqueeze(-1)
+    pair = quantiles.gather(-1, torch.stack([lo, lo + 1], dim=-1))  # (..., 2)
+    value = (pair[..., :1] * (1.0 - w) + pair[..., 1:] * w).squeeze(-1)
+    return torch.where(capacity >= 1.0, torch.zeros_like(value), value)
 
 
 class RoutedDecoderLayer(GradientCheckpointingLayer):
     """Routing logic; instantiate through ``routed_layer_class(type(stock_layer))``."""
 
+    _dlo_stock_class: type = nn.Module  # set on each concrete Routed<Stock> class
+
     def __init__(self, layer: nn.Module, *, layer_index: int, routed_index: int, capacity: float,
-                 granularity: str, beta: float, state: RoutingState):
-        # The concrete class also derives from the stock layer class (so isinstance checks,
-        # output_hidden_states recording and no-split rules keep working), but the stock
-        # __init__ would build fresh weights: initialise only the module machinery.
+                 granularity: str, beta: float):
+        # The concrete class also derives from the stock layer class (so isinstance checks, output
+        # recording and no-split rules keep working), but the stock __init__ would build fresh weights:
+        # initialise only the module machinery, then adopt the stock layer's submodules and attributes.
         GradientCheckpointingLayer.__init__(self)
-        missing = [name for name in REQUIRED_SUBMODULES if not hasattr(layer, name)]
-        if missing:
-            raise ValueError(
-                f"layer {layer_index} ({type(layer).__name__}) lacks {missing}; dlo routes pre-norm decoder "
-                f"layers with {REQUIRED_SUBMODULES} (Llama, Mistral, Qwen2)"
-            )
+        if granularity == "mlp":
+            check_mlp_routable(layer, layer_index)
+        plain = set(vars(nn.Module()))
+        for name, value in vars(layer).items():
+            if name not in plain:  # e.g. hidden_size, attention_type: the stock forward may read them
+                setattr(self, name, value)
         for name, child in layer.named_children():
             self.add_module(name, child)
-        if hasattr(layer, "attention_type"):
-            self.attention_type = layer.attention_type
-        hidden = layer.input_layernorm.weight.shape[-1]
-        weight = layer.input_layernorm.weight
-        self.router = nn.Linear(hidden, 1, bias=True, device=weight.device, dtype=weight.dtype)
+        hidden = layer.input_layernorm.weight.shape[-1] if hasattr(layer, "input_layernorm") else None
+        reference = next(layer.parameters())
+        if hidden is None:
+            hidden = getattr(layer, "hidden_size", None) or reference.shape[-1]
+        self.router = nn.Linear(hidden, 1, bias=True, device=reference.device, dtype=reference.dtype)
         nn.init.zeros_(self.router.weight)
         nn.init.zeros_(self.router.bias)
         self.layer_index = layer_index
         self.routed_index = routed_index
         self.granularity = granularity
         self.beta = beta
-        self.target_capacity = capacity
-        # Persistent so checkpoints resume exactly; mirrored into the saved config for readers.
+        # Target capacity (what inference selects; training anneals towards it) and the tracked score
+        # quantiles. Buffers, so checkpoints carry them; the model's RoutingState is their only writer.
         self.register_buffer("capacity", torch.tensor(capacity, dtype=torch.float32))
         self.register_buffer("score_quantiles", torch.full((NUM_QUANTILES,), 0.5, dtype=torch.float32))
-        self.state = state
-        self.last: RouterRecord | None = None
 
-    # ---- capacity and thresholds -------------------------------------------------------
-    def effective_capacity(self) -> float:
-        """Capacity of this forward: annealed from 1.0 towards the target during training."""
-        if not self.training:
-            return self.target_capacity
-        return 1.0 - (1.0 - self.target_capacity) * self.state.anneal_fraction
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) casts every floating buffer; bf16 would round capacities and score quantiles to
+        # ~3 digits and move thresholds. These two follow the device only and stay fp32 at full precision.
+        kept = {name: self._buffers.pop(name) for name in ROUTING_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buffer in kept.items():
+                moved = fn(buffer)
+                source = moved if buffer.is_meta else buffer.to(device=moved.device)
+                self._buffers[name] = source.to(torch.float32)
+        return self
 
-    def threshold(self, capacity: float | None = None) -> torch.Tensor:
-        """Score threshold at which the share of tokens running equals ``capacity`` (0-dim tensor)."""
-        c = self.target_capacity if capacity is None else capacity
-        # Decoding asks once per layer and token: reuse the value until the capacity or the quantiles change.
-        key = (c, self.score_quantiles._version, self.score_quantiles.data_ptr())
-        if getattr(self, "_threshold_key", None) == key:
-            return self._threshold_value
-        pos = (1.0 - c) * (NUM_QUANTILES - 1)
-        lo = min(int(math.floor(pos)), NUM_QUANTILES - 2)
-        w = pos - lo
-        self._threshold_value = self.score_quantiles[lo] * (1.0 - w) + self.score_quantiles[lo + 1] * w
-        self._threshold_key = key
-        return self._threshold_value
+    @property
+    def target_capacity(self) -> float:
+        return float(self.capacity)
 
-    def set_target_capacity(self, capacity: float):
-        self.target_capacity = float(capacity)
-        self.capacity.fill_(self.target_capacity)
+    def threshold(self) -> torch.Tensor:
+        """Inference score threshold (0-dim tensor) for the target capacity."""
+        return threshold_from_quantiles(self.score_quantiles, self.capacity)
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None,
+                dlo_routing: RoutingInputs | None = None, **kwargs):
+        routing = dlo_routing if dlo_routing is not None else RoutingInputs(training=False, collect=False)
+        if routing.training and routing.capacity is None:
+            raise ValueError(
+                f"routed layer {self.layer_index} got no training capacities: call the routed model itself "
+                "(model(**batch)), which hands every routed layer its RoutingInputs"
+            )
         if self.granularity == "mlp":
-            return self._forward_mlp(hidden_states, attention_mask, position_ids, position_embeddings, kwargs)
-        return self._forward_block(hidden_states, attention_mask, position_ids, position_embeddings, kwargs)
+            return self._forward_mlp(hidden_states, attention_mask, position_ids, position_embeddings, routing, kwargs)
+        return self._forward_block(hidden_states, attention_mask, position_ids, position_embeddings, routing, kwargs)
 
-    def _dense(self, x, attention_mask, position_ids, position_embeddings, kwargs):
-        """The stock layer's computation: pre-norm attention then pre-norm MLP, each residual."""
-        attn, _ = self.self_attn(
-            hidden_states=self.input_layernorm(x),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def _stock(self, x, attention_mask, position_ids, position_embeddings, kwargs):
+        """The stock layer's own forward on ``x`` (full residual output F(x))."""
+        out = self._dlo_stock_class.forward(self, x, attention_mask=attention_mask, position_ids=position_ids,
+                                            position_embeddings=position_embeddings, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
-    def _mlp_update(self, x):
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def _select(self, logits: torch.Tensor, valid: torch.Tensor | None, routing: RoutingInputs):
+        """Choose the tokens that run: (idx, active, gate, capacity), or None when no token runs.
 
-    def _select(self, logits: torch.Tensor, valid: torch.Tensor | None):
-        """Choose the tokens that run: (idx, active, capacity), or (None, None, capacity) when none runs.
-
-        idx (B, K) positions to pack, active (B, K) bool (False: a slot that must not run or be stored).
-        Training and forced runs list positions in ascending order; inference lists each row's active
-        positions first, ascending, then fillers.
+        idx (B, K) positions to pack; active (B, K) bool (False: a slot that must not run or be stored);
+        gate (B, K) the update's scale (0 on inactive slots). Training and forced runs list positions in
+        ascending order; inference lists each row's active positions first, ascending, then fillers.
         """
         B, T = logits.shape
         device = logits.device
-        force = self.state.force
-        capacity = self.effective_capacity()
-        if force == "run":
+        force = routing.force.get(self.layer_index)
+        if routing.training:
+            capacity = routing.capacity[self.routed_index]
+        else:
+            capacity = self.capacity.to(torch.float64)
+        if force == "skip":
+            return None, capacity
+        if force == "run":  # exactly the stock layer: gate 1, every valid token
             idx = torch.arange(T, device=device).expand(B, T)
             active = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid
-            return idx, active, capacity
-        if force == "skip":
-            return None, None, capacity
-        if self.training:
+            return (idx, active, active.to(logits.dtype)), capacity
+        if routing.training:
+            K = routing.packed_width[self.routed_index]
             ranked = logits if valid is None else logits.masked_fill(~valid, float("-inf"))
             # Stable descending sort: equal scores keep position order, so ties go to the earlier token.
-            order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :static_budget(capacity, T)]
+            order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :K]
             idx, perm = torch.sort(order, dim=1)  # (B, K) ascending: packed order stays causal
-            if valid is None:
-                return idx, torch.ones_like(idx, dtype=torch.bool), capacity
-            # A padded row runs ceil(c * n) of its n valid tokens: padding neither runs nor counts.
-            by_rank = torch.arange(order.shape[1], device=device) < row_budget(capacity, valid).unsqueeze(1)
-            return idx, by_rank.gather(1, perm), capacity
-        chosen = torch.sigmoid(logits) >= self.threshold()
-        if valid is not None:
-            chosen &= valid
-        if T == 1:  # a decode step: one token per row, nothing to pack
-            idx, active = torch.zeros(B, 1, dtype=torch.long, device=device), chosen
+            row_valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid
+            budget = row_budget(capacity, row_valid).clamp(max=K)  # padding neither runs nor counts
+            active = (torch.arange(K, device=device) < budget.unsqueeze(1)).gather(1, perm)
         else:
-            idx, active = ops.active_positions(chosen)
-        if idx.shape[1] == 1 and not bool(active.any()):  # nobody runs: the layer's weights are not touched
-            return None, None, capacity
-        return idx, active, capacity
+            chosen = torch.sigmoid(logits) >= self.threshold()
+            if valid is not None:
+                chosen &= valid
+            if T == 1:  # a decode step: one token per row, nothing to pack
+                idx, active = torch.zeros(B, 1, dtype=torch.long, device=device), chosen
+            else:
+                idx, active = ops.active_positions(chosen)
+            if idx.shape[1] == 1 and not bool(active.any()):  # nobody runs: the layer's weights are not touched
+                return None, capacity
+        gate = (1.0 + self.beta * (torch.sigmoid(logits.gather(1, idx)) - 0.5)) * active  # (B, K)
+        return (idx, active, gate), capacity
 
-    def _record(self, logits, idx, active, valid, capacity, similarity):
+    def _record(self, routing, logits, idx, active, valid, capacity, similarity):
+        # A gradient-checkpointing recomputation runs this again with the same inputs: keep the first record.
+        if not routing.collect or self.layer_index in routing.records:
+            return
         B, T = logits.shape
         selected = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
         if idx is not None:
             selected.scatter_(1, idx, active)
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=logits.device)
-        self.last = RouterRecord(logits=logits, selected=selected, valid=valid, capacity=capacity,
-                                 similarity=similarity)
+        routing.records[self.layer_index] = RouterRecord(logits=logits, selected=selected, valid=valid,
+                                                         capacity=capacity, similarity=similarity)
 
-    def _forward_block(self, h, attention_mask, position_ids, position_embeddings, kwargs):
+    def _forward_block(self, h, attention_mask, position_ids, position_embeddings, routing, kwargs):
         B, T, d = h.shape
         layer_cache = self._layer_cache(kwargs)
-        valid = self.state.valid_tokens(B, T, h.device)
+        valid = routing.valid_tokens(B, T)
         logits = self.router(h).squeeze(-1).float()  # (B, T)
-        idx, active, capacity = self._select(logits, valid)
+        decision, capacity = self._select(logits, valid, routing)
         similarity = None
-        if self.training and self.state.similarity_due:
+        if routing.training and routing.similarity:
             with torch.no_grad():  # a side computation: it must not write the KV cache
                 no_cache = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
-                dense = self._dense(h, attention_mask, position_ids, position_embeddings, no_cache)
+                dense = self._stock(h, attention_mask, position_ids, position_embeddings, no_cache)
                 similarity = torch.nn.functional.cosine_similarity(h.float(), dense.float(), dim=-1)
-        if idx is None:  # every token skips: the layer is the identity and stores no K/V
+        if decision is None:  # every token skips: the layer is the identity and stores no K/V
             if layer_cache is not None:
                 layer_cache.skip(B, T, h.device)
-            self._record(logits, idx, active, valid, capacity, similarity)
+            self._record(routing, logits, None, None, valid, capacity, similarity)
             return h
+        idx, active, gate = decision
         K = idx.shape[1]
-        gate = (1.0 + self.beta * (torch.sigmoid(logits.gather(1, idx)) - 0.5)) * active  # (B, K)
+        forced = self.layer_index in routing.force
         # Slots that do not run must not be attended: filler in inference rows with different counts, and
         # over-budget tokens of padded training rows. Forced runs leave only padding, which the model's mask hides.
-        key_ok = None if self.state.force is not None or (self.training and valid is None) else active
+        key_ok = None if forced or (routing.training and valid is None) else active
         # Eval rows list active tokens first, so idx is arange(T) only when all are in (or T == 1).
         in_order = K == T and (key_ok is None or T == 1)
         if layer_cache is not None:
@@ -235,17 +268,17 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         else:
             mask = packed_attention_mask(attention_mask, idx, idx, key_ok)
         if in_order:  # no gather needed
-            f = self._dense(h, mask, position_ids, position_embeddings, kwargs)
+            f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
             y = h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
         else:
             flat = ops.flat_row_index(idx, T)  # (B*K,)
             h_packed = ops.gather_rows(h.reshape(B * T, d), flat).view(B, K, d)
             pos = _gather_positions(position_ids, idx, B, T)
             pe = _gather_rotary(position_embeddings, idx)
-            f = self._dense(h_packed, mask, pos, pe, kwargs)  # (B, K, d)
+            f = self._stock(h_packed, mask, pos, pe, kwargs)  # (B, K, d)
             y = ops.scatter_combine(h.reshape(B * T, d), f.reshape(B * K, d), gate.reshape(-1), flat)
             y = y.view(B, T, d)
-        self._record(logits, idx, active, valid, capacity, similarity)
+        self._record(routing, logits, idx, active, valid, capacity, similarity)
         return y
 
     def _layer_cache(self, kwargs) -> RoutedLayer | None:
@@ -268,7 +301,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             )
         return None
 
-    def _forward_mlp(self, h, attention_mask, position_ids, position_embeddings, kwargs):
+    def _mlp_update(self, x):
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward_mlp(self, h, attention_mask, position_ids, position_embeddings, routing, kwargs):
         B, T, d = h.shape
         attn, _ = self.self_attn(
             hidden_states=self.input_layernorm(h),
@@ -278,29 +314,39 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         x = h + attn  # attention is dense: every token writes its KV, so the ordinary cache is right
-        valid = self.state.valid_tokens(B, T, h.device)
+        valid = routing.valid_tokens(B, T)
         logits = self.router(x).squeeze(-1).float()  # (B, T): the router sees what enters the MLP
-        idx, active, capacity = self._select(logits, valid)
+        decision, capacity = self._select(logits, valid, routing)
         similarity = None
-        if self.training and self.state.similarity_due:
+        if routing.training and routing.similarity:
             with torch.no_grad():
-                similarity = torch.nn.functional.cosine_similarity(
-                    x.float(), self._mlp_update(x).float(), dim=-1
-                )
-        if idx is None:
-            self._record(logits, idx, active, valid, capacity, similarity)
+                similarity = torch.nn.functional.cosine_similarity(x.float(), self._mlp_update(x).float(), dim=-1)
+        if decision is None:
+            self._record(routing, logits, None, None, valid, capacity, similarity)
             return x
+        idx, active, gate = decision
         K = idx.shape[1]
-        gate = (1.0 + self.beta * (torch.sigmoid(logits.gather(1, idx)) - 0.5)) * active  # (B, K)
-        if K == T:
-            y = x + gate.unsqueeze(-1).to(x.dtype) * self.mlp(self.post_attention_layernorm(x))
+        if K == T:  # every position is in the packed index (in some order): run the MLP in place
+            gate_by_position = torch.zeros(B, T, dtype=gate.dtype, device=gate.device).scatter(1, idx, gate)
+            y = x + gate_by_position.unsqueeze(-1).to(x.dtype) * self.mlp(self.post_attention_layernorm(x))
         else:
             flat = ops.flat_row_index(idx, T)
             x_packed = ops.gather_rows(x.reshape(B * T, d), flat)  # (B*K, d)
             f = self._mlp_update(x_packed)
             y = ops.scatter_combine(x.reshape(B * T, d), f, gate.reshape(-1), flat).view(B, T, d)
-        self._record(logits, idx, active, valid, capacity, similarity)
+        self._record(routing, logits, idx, active, valid, capacity, similarity)
         return y
+
+
+def check_mlp_routable(layer: nn.Module, layer_index: int):
+    """Refuse ``mlp`` routing of a decoder layer whose attention/MLP split dlo has not verified."""
+    name = type(layer).__name__
+    if name not in MLP_ROUTABLE_LAYERS:
+        raise ValueError(
+            f"granularity='mlp' is not verified for layer {layer_index} ({name}): it needs a layer that is "
+            f"exactly pre-norm attention then pre-norm MLP, verified for {', '.join(MLP_ROUTABLE_LAYERS)}; "
+            "use granularity='block', which runs the stock layer's own forward"
+        )
 
 
 _ROUTED_LAYER_CLASSES: dict[type, type] = {}
@@ -310,7 +356,8 @@ def routed_layer_class(stock_class: type) -> type:
     """``Routed<Stock>``: RoutedDecoderLayer's logic on top of the stock decoder layer class."""
     if stock_class not in _ROUTED_LAYER_CLASSES:
         _ROUTED_LAYER_CLASSES[stock_class] = type(
-            f"Routed{stock_class.__name__}", (RoutedDecoderLayer, stock_class), {"__module__": __name__}
+            f"Routed{stock_class.__name__}", (RoutedDecoderLayer, stock_class),
+            {"__module__": __name__, "_dlo_stock_class": stock_class},
         )
     return _ROUTED_LAYER_CLASSES[stock_class]
 
@@ -323,6 +370,8 @@ def _gather_positions(position_ids, idx, B, T):
 
 def _gather_rotary(position_embeddings, idx):
     """Gather cos/sin (B or 1, T, head_dim) at the selected positions -> (B, K, head_dim)."""
+    if position_embeddings is None:
+        return None
     cos, sin = position_embeddings
     B, K = idx.shape
     index = idx.unsqueeze(-1).expand(B, K, cos.shape[-1])

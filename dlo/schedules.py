@@ -13,12 +13,3 @@ def anneal_fraction(step: int, anneal_steps: int, schedule: str = "linear") -> f
     if schedule == "cosine":
         return 0.5 * (1.0 - math.cos(math.pi * t))
     raise ValueError(f"schedule={schedule!r}: expected 'linear' or 'cosine'")
-
-
-def apply_capacity_schedule(model, step: int) -> float:
-    """Set the annealing position of ``model``'s routers for optimizer step ``step``; returns it."""
-    config = model.dlo_routing_config
-    frac = anneal_fraction(step, config.anneal_steps, config.anneal_schedule)
-    model._dlo_state.anneal_fraction = frac
-    return frac
-

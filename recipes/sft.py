@@ -153,12 +153,11 @@ def main(argv=None):
         record_run_config(cfg)
     trainer = DloTrainer(model=model, args=targs, train_dataset=train, eval_dataset=evaluation,
                          data_collator=collator, processing_class=tokenizer)
-    trainer.add_callback(CapacityImageCallback(trainer, os.environ["TENSORBOARD_LOGGING_DIR"],
+    trainer.add_callback(CapacityImageCallback(os.environ["TENSORBOARD_LOGGING_DIR"],
                                                every=max(targs.logging_steps, 1) * 5))
     checkpoint = get_last_checkpoint(cfg.output_dir) if resume else None
     if resume and checkpoint is None:
         raise ValueError(f"resume=true but {cfg.output_dir!r} has no checkpoint-* directory")
-    trainer._dlo_resume_dir = checkpoint
     result = trainer.train(resume_from_checkpoint=checkpoint)
     stopped = trainer.state.global_step < trainer.state.max_steps
     if stopped:
@@ -212,10 +211,11 @@ def _realised_capacity(model, examples, collator, n: int = 64) -> list[float]:
     total = torch.zeros(len(layers))
     device = next(model.parameters()).device
     for batch in calibration_batches(examples, collator, n):
-        model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-        for i, layer in enumerate(layers):
-            ran[i] += (layer.last.selected & layer.last.valid).sum().item()
-            total[i] += layer.last.valid.sum().item()
+        records = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False,
+                        output_router_logits=True).routing
+        for i, record in enumerate(records):
+            ran[i] += (record.selected & record.valid).sum().item()
+            total[i] += record.valid.sum().item()
     return (ran / total.clamp(min=1)).tolist()
 
 

@@ -46,6 +46,13 @@ def _cache_free_logits(model, ids, mask):
     return model(ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits[:, -1]
 
 
+def _cache_free_records(model, ids, mask):
+    """What each routed layer decided in a cache-free forward (positions as generate() derives them)."""
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return model(ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                 output_router_logits=True).routing
+
+
 @torch.no_grad()
 def _greedy_cache_free(model, ids, mask, steps):
     for _ in range(steps):
@@ -70,12 +77,12 @@ def test_greedy_generate_matches_cache_free_forwards(base, granularity, batch):
     # and read which tokens each routed layer ran.
     fed, fed_mask = want[:, :-1], want_mask[:, :-1]
     with torch.no_grad():
-        _cache_free_logits(model, fed, fed_mask)
+        records = _cache_free_records(model, fed, fed_mask)
     cache = out.cache
     assert isinstance(cache, dlo.RoutedCache) == (granularity == "block")
     assert cache.get_seq_length() == fed.shape[1]
-    for layer in dlo.routed_layers(model):
-        selected, valid = layer.last.selected, layer.last.valid  # (B, T)
+    for layer, record in zip(dlo.routed_layers(model), records):
+        selected, valid = record.selected, record.valid  # (B, T)
         share = (selected.sum() / valid.sum()).item()
         assert 0.2 < share < 0.8, f"layer {layer.layer_index} runs {share:.2f} of tokens: routing is not exercised"
         if granularity == "mlp":  # attention is dense: the stock cache holds every token (padding included)
@@ -173,18 +180,26 @@ def test_prefill_rows_with_every_token_selected_match_rows_alone(base):
     model = _routed(base, "block", capacity=0.8, layers=[1])
     ids = torch.randint(3, 97, (4, 5))
     with torch.no_grad():
-        batched = model(ids, use_cache=False).logits
-        counts = dlo.routed_layers(model)[0].last.selected.sum(1)
+        out = model(ids, use_cache=False, output_router_logits=True)
+        batched = out.logits
+        counts = out.routing[0].selected.sum(1)
         alone = torch.cat([model(row[None], use_cache=False).logits for row in ids])
     assert counts.max() == 5 and counts.min() < 5
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
 
 
-def test_stock_cache_is_refused_once_it_holds_tokens(base):
+def test_stock_cache_is_made_routed_when_empty_and_refused_once_it_holds_tokens(base):
     model = _routed(base, "block")
     ids, mask = _prompts(1)
+    step_mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, attention_mask=mask, cache=cache)
-        with pytest.raises(ValueError, match="block-routed layer 0"):
-            model(ids[:, -1:], attention_mask=torch.ones(1, PROMPT_LEN + 1, dtype=torch.long), cache=cache)
+        model(ids, attention_mask=mask, cache=cache)  # the caller's own cache object becomes routed
+        assert isinstance(cache, dlo.RoutedCache) and cache.get_seq_length() == PROMPT_LEN
+        got = model(ids[:, -1:], attention_mask=step_mask, cache=cache).logits[:, -1]
+        want = model(torch.cat([ids, ids[:, -1:]], 1), attention_mask=step_mask, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        filled = DynamicCache(config=model.config)
+        base(ids, attention_mask=mask, cache=filled)  # a plain model's cache: every layer holds every token
+        with pytest.raises(ValueError, match=r"holding tokens cannot hold .* block-routed layers \[0"):
+            model(ids[:, -1:], attention_mask=step_mask, cache=filled)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedToken
 import dlo
 from dlo.cli import main
 from dlo.evaluation import IGNORE, encode, read_eval_records
-from dlo.export import export_static, forced_layers, save_export, select_layers
+from dlo.export import export_static, save_export, select_layers
 from dlo.modeling import decoder_layers
 
 ATOL = 1e-5
@@ -148,9 +148,10 @@ def test_report_schema_flops_and_loss(saved, capsys):
     tok = PreTrainedTokenizerFast.from_pretrained(saved / "routed")
     ids = tok(SENTENCES, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        loss = model(ids, labels=ids, use_cache=False).loss.item()
-    for layer in dlo.routed_layers(model):
-        share = layer.last.selected.float().mean().item()
+        out = model(ids, labels=ids, use_cache=False, output_router_logits=True)
+        loss = out.loss.item()
+    for layer, record in zip(dlo.routed_layers(model), out.routing):
+        share = record.selected.float().mean().item()
         assert rows[layer.layer_index]["capacity"] == pytest.approx(share, abs=1e-6)
         assert 0 < share < 1
         assert rows[layer.layer_index]["threshold"] == pytest.approx(float(layer.threshold()))
@@ -212,7 +213,7 @@ def test_export_block_equals_forced_routing_and_base_without_layers(base, tmp_pa
     valid = mask.bool()
     with torch.no_grad():
         got = loaded(ids, attention_mask=mask, use_cache=False).logits
-        with forced_layers(model, run=[2, 3], skip=[1]):
+        with dlo.forced_routing(model, "run", layers=[2, 3]), dlo.forced_routing(model, "skip", layers=[1]):
             forced = model(ids, attention_mask=mask, use_cache=False).logits
         plain = _without_layers(base, [1])(ids, attention_mask=mask, use_cache=False).logits
         routed_as_is = model(ids, attention_mask=mask, use_cache=False).logits
@@ -240,7 +241,8 @@ def test_export_merges_lora_first(base):
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ids, mask = _batch()
     valid = mask.bool()
-    with torch.no_grad(), forced_layers(peft_model, run=[3], skip=[1]):
+    with torch.no_grad(), dlo.forced_routing(peft_model, "run", layers=[3]), \
+            dlo.forced_routing(peft_model, "skip", layers=[1]):
         want = peft_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         without_lora = _without_layers(base, [1])(ids, attention_mask=mask, use_cache=False).logits
     exported = export_static(peft_model, min_capacity=0.5)
@@ -324,10 +326,10 @@ def test_export_plain_model_by_num_layers(base):
         export_static(copy.deepcopy(base), min_capacity=0.5)
 
 
-def test_forced_layers_rejects_unknown_layers(base):
+def test_forced_routing_rejects_unknown_layers(base):
     model = _routed(base, [1], [0.5])
     with pytest.raises(ValueError, match=r"layers \[2\] are not routed"):
-        with forced_layers(model, run=[2]):
+        with dlo.forced_routing(model, "run", layers=[2]):
             pass
 
 
@@ -364,10 +366,10 @@ def _realised_capacities(model_dir, records):
     texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in records]
     enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():
-        model(**enc, use_cache=False)
+        records = model(**enc, use_cache=False, output_router_logits=True).routing
     valid = enc["attention_mask"].bool()
-    return {layer.layer_index: (layer.last.selected & valid).sum().item() / valid.sum().item()
-            for layer in dlo.routed_layers(model)}
+    return {layer.layer_index: (record.selected & valid).sum().item() / valid.sum().item()
+            for layer, record in zip(dlo.routed_layers(model), records)}
 
 
 def test_cli_export_with_data(saved, capsys):

@@ -94,8 +94,11 @@ def test_two_cpu_processes_agree(tmp_path):
     assert "dlo sft summary" in proc.stdout
     weights = load_file(str(out / "final" / "model.safetensors"))
     assert weights["model.layers.3.router.weight"].abs().sum() > 0
-    state = json.loads((out / "checkpoint-4" / "dlo_routing_state.json").read_text())
-    assert len(state["score_quantiles"]) == 2
+    # The routing state travels in the checkpoint's own weights, not in a side file.
+    checkpoint = load_file(str(out / "checkpoint-4" / "model.safetensors"))
+    assert int(checkpoint["dlo_routing_state.step"]) == 4
+    assert checkpoint["model.layers.3.score_quantiles"].shape == (101,)
+    assert not list((out / "checkpoint-4").glob("dlo_routing_state*"))
 
 
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path):

@@ -79,10 +79,10 @@ def layer_shares(model, sequence: torch.Tensor, prompt_len: int, num_layers: int
     gives the same decisions as decoding did: inference routing is causal."""
     from dlo.modeling import routed_layers
 
-    model(sequence, use_cache=False)
+    records = model(sequence, use_cache=False, output_router_logits=True).routing
     routed = routed_layers(model)
     unrouted = num_layers - len(routed)
-    runs = unrouted + sum(layer.last.selected[0, prompt_len:].long() for layer in routed)
+    runs = unrouted + sum(record.selected[0, prompt_len:].long() for record in records)
     what = "layers" if granularity == "block" else "MLPs (attention always runs with mlp routing)"
     lines = [f"{what} run per generated token (of {num_layers}; {len(routed)} routed):"]
     tokens = [tokenizer.decode([i]) for i in sequence[0, prompt_len:].tolist()]  # readable text, not BPE symbols
