@@ -302,16 +302,18 @@ def _check_overlap(overlap, n: int) -> int:
 def _read_mergekit(path_or_yaml_text: str | os.PathLike) -> tuple[dict, str]:
     """(config, what to call it in messages) of a mergekit YAML file or text."""
     text = os.fspath(path_or_yaml_text)
-    source = "mergekit config" if "\n" in text else f"mergekit config {text!r}"
-    if "\n" not in text:
-        if os.path.isfile(text):
-            source = f"mergekit config {text}"
-            with open(text) as fh:
-                text = fh.read()
-        elif os.path.isdir(text):
-            raise UserError(f"mergekit config {text!r} is a directory, not a YAML file")
-        elif text.endswith((".yml", ".yaml")):
-            raise UserError(f"mergekit config {text!r} does not exist")
+    single_line = "\n" not in text
+    if single_line and os.path.isdir(text):
+        raise UserError(f"mergekit config {text!r} is a directory, not a YAML file")
+    if single_line and os.path.isfile(text):
+        source, hint = f"mergekit config {text}", ""
+        with open(text) as fh:
+            text = fh.read()
+    elif single_line and text.endswith((".yml", ".yaml")):
+        raise UserError(f"mergekit config {text!r} does not exist")
+    else:
+        source = f"mergekit config {text!r}" if single_line else "mergekit config"
+        hint = " (or the path of an existing file)"
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -319,7 +321,7 @@ def _read_mergekit(path_or_yaml_text: str | os.PathLike) -> tuple[dict, str]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"{source}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(config, dict):
-        raise UserError(f"{source}: expected a YAML mapping (or the path of an existing file)")
+        raise UserError(f"{source}: expected a YAML mapping, got {type(config).__name__}{hint}")
     return config, source
 
 

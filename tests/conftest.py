@@ -10,7 +10,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hashlib  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -51,3 +55,72 @@ def tiny_llama_config():
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
+
+
+# -- a Hugging Face hub cache holding the tiny default, for tests of hub ids ---------------------------------------
+
+TINY_BASE = Path(__file__).resolve().parents[1] / "assets" / "tiny" / "base"
+
+
+@dataclass
+class HubCache:
+    home: Path  # what HF_HOME points at
+    hub: Path  # the cache itself, HF_HOME/hub
+    repo: str  # the id of the cached model
+    commit: str  # its commit; refs/main names it
+    snapshot: Path
+
+
+def cache_model(hf_home: Path, source: Path, repo_id: str, commit: str, ref: str = "main") -> Path:
+    """Put ``source`` into a hub cache laid out as huggingface_hub writes it: blobs named by content,
+    ``snapshots/<commit>/`` holding symlinks to them, ``refs/<ref>`` holding the commit."""
+    storage = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = storage / "snapshots" / commit
+    (storage / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(source.iterdir()):
+        blob = storage / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory) -> HubCache:
+    home = tmp_path_factory.mktemp("hf_home")
+    repo, commit = "dlo-test/tiny", "0123456789abcdef0123456789abcdef01234567"
+    return HubCache(home, home / "hub", repo, commit, cache_model(home, TINY_BASE, repo, commit))
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch) -> HubCache:
+    """This process resolves hub ids from ``hub_cache`` only, never the network. huggingface_hub reads
+    HF_HOME and HF_HUB_OFFLINE at import, so its constants are patched as well as the environment."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HOME", str(hub_cache.home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache.hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return hub_cache
+
+
+@pytest.fixture(scope="session")
+def run_dlo():
+    """``run_dlo(*argv, **env)``: the ``dlo`` command in a fresh process importing this checkout, with
+    ``env`` added to the environment (``None`` removes a variable); returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    root = TINY_BASE.parents[2]
+
+    def run(*argv, **env):
+        merged = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), **env}
+        full_env = {name: value for name, value in merged.items() if value is not None}
+        entry = "import sys; from dlo.cli import main; sys.exit(main())"
+        return subprocess.run([sys.executable, "-c", entry, *map(str, argv)], cwd=root, env=full_env,
+                              capture_output=True, text=True, timeout=300)
+
+    return run

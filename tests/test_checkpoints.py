@@ -1,7 +1,6 @@
 """Finding checkpoints (directories, hub ids from an offline Hugging Face cache, LoRA bases), checking their
 files, and writing outputs atomically."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -10,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -29,79 +27,41 @@ from dlo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "assets" / "tiny" / "base"
-REPO = "dlo-test/tiny"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def cache_model(hf_home: Path, source: Path, repo_id: str, commit: str, ref: str = "main") -> Path:
-    """Put ``source`` into a hub cache laid out as huggingface_hub writes it: blobs named by content,
-    ``snapshots/<commit>/`` holding symlinks to them, ``refs/<ref>`` holding the commit."""
-    storage = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    snapshot = storage / "snapshots" / commit
-    (storage / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True)
-    for file in sorted(source.iterdir()):
-        blob = storage / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
-        shutil.copyfile(file, blob)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    (storage / "refs").mkdir(exist_ok=True)
-    (storage / "refs" / ref).write_text(commit)
-    return snapshot
-
-
-@pytest.fixture(scope="module")
-def hf_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf_home")
-    cache_model(home, TINY, REPO, COMMIT)
-    return home
-
-
-@pytest.fixture
-def offline_cache(hf_home, monkeypatch):
-    """This process resolves hub ids from ``hf_home`` only (huggingface_hub read HF_HOME at import)."""
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return hf_home / "hub"
-
-
-def snapshot_dir(hf_home: Path) -> str:
-    return str(hf_home / "hub" / "models--dlo-test--tiny" / "snapshots" / COMMIT)
 
 
 # -- resolving model references ----------------------------------------------------------------------------------
 
 
-def test_a_local_directory_comes_first(tmp_path, offline_cache, monkeypatch):
+def test_a_local_directory_comes_first(tmp_path, offline_hub, monkeypatch):
     assert resolve_model_dir(str(TINY)) == str(TINY)
     # A directory that happens to look like a hub id wins over the cache, as in transformers.
-    (tmp_path / "dlo-test" / "tiny").mkdir(parents=True)
+    (tmp_path / offline_hub.repo).mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    assert resolve_model_dir(REPO) == str(tmp_path / "dlo-test" / "tiny")
+    assert resolve_model_dir(offline_hub.repo) == str(tmp_path / offline_hub.repo)
 
 
-def test_a_hub_id_resolves_offline_from_the_cache(hf_home, offline_cache):
-    assert resolve_model_dir(REPO) == snapshot_dir(hf_home)
-    assert resolve_model_dir(REPO, "main") == resolve_model_dir(REPO, COMMIT) == snapshot_dir(hf_home)
-    assert read_config(resolve_model_dir(REPO))["model_type"] == "llama"
+def test_a_hub_id_resolves_offline_from_the_cache(offline_hub):
+    repo, snapshot = offline_hub.repo, str(offline_hub.snapshot)
+    assert resolve_model_dir(repo) == snapshot
+    assert resolve_model_dir(repo, "main") == resolve_model_dir(repo, offline_hub.commit) == snapshot
+    assert read_config(resolve_model_dir(repo))["model_type"] == "llama"
 
 
 @pytest.mark.parametrize("ref, revision, expected", [
-    ("dlo-test/missing", None, [r"'dlo-test/missing' not found", "no local directory", "has no "
+    ("dlo-test/missing", None, ["'dlo-test/missing' not found", "no local directory", "{hub} has no "
                                 "models--dlo-test--missing", "revision 'main'", "HF_HUB_OFFLINE is set"]),
-    (REPO, "v9", ["revision 'v9'", f"cached: main, {COMMIT}", "HF_HUB_OFFLINE is set"]),
+    ("{repo}", "v9", ["{hub}/models--dlo-test--tiny has no revision 'v9'", "cached: main, {commit}",
+                      "HF_HUB_OFFLINE is set"]),
     ("a/b/c", None, ["no local directory", "not a hub id"]),
 ])
-def test_not_found_names_what_was_tried(offline_cache, ref, revision, expected):
+def test_not_found_names_what_was_tried(offline_hub, ref, revision, expected):
+    names = {"repo": offline_hub.repo, "hub": offline_hub.hub, "commit": offline_hub.commit}
     with pytest.raises(UserError) as err:
-        resolve_model_dir(ref, revision)
+        resolve_model_dir(ref.format(**names), revision)
     message = str(err.value)
     for part in expected:
-        assert part in message, message
+        assert part.format(**names) in message, message
     assert "\n" not in message
-    if "v9" in message or "missing" in message:
-        assert str(offline_cache) in message
 
 
 def test_a_file_is_not_a_model_directory(tmp_path):
@@ -110,11 +70,12 @@ def test_a_file_is_not_a_model_directory(tmp_path):
         resolve_model_dir(str(tmp_path / "model.safetensors"))
 
 
-def test_a_lora_adapter_on_a_hub_model_resolves_its_base(hf_home, offline_cache, tmp_path):
+def test_a_lora_adapter_on_a_hub_model_resolves_its_base(offline_hub, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": REPO, "revision": None}))
-    assert adapter_base_dir(str(adapter)) == snapshot_dir(hf_home)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": offline_hub.repo,
+                                                             "revision": None}))
+    assert adapter_base_dir(str(adapter)) == str(offline_hub.snapshot)
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "dlo-test/gone"}))
     with pytest.raises(UserError, match=r"LoRA adapter whose base model cannot be found: model 'dlo-test/gone'"):
         adapter_base_dir(str(adapter))
@@ -250,66 +211,59 @@ def test_output_checks(tmp_path):
 # -- the commands on a hub id -------------------------------------------------------------------------------------
 
 
-def test_commands_take_a_hub_id(hf_home, offline_cache, tmp_path, capsys):
+def test_commands_take_a_hub_id(offline_hub, tmp_path, capsys):
+    repo = offline_hub.repo
     data = ROOT / "assets" / "tiny" / "sft" / "eval.jsonl"
     expanded = tmp_path / "expanded"
-    assert main(["expand", "--model", REPO, "--strategy", "llama-pro", "--groups", "2",
+    assert main(["expand", "--model", repo, "--strategy", "llama-pro", "--groups", "2",
                  "--output", str(expanded)]) == 0
     assert AutoModelForCausalLM.from_pretrained(expanded).config.num_hidden_layers == 8
     assert (expanded / "tokenizer.json").is_file() and not (expanded / "tokenizer.json").is_symlink()
-    assert main(["report", "--model", REPO, "--revision", COMMIT, "--data", str(data), "--output",
+    assert main(["report", "--model", repo, "--revision", offline_hub.commit, "--data", str(data), "--output",
                  str(tmp_path / "report"), "--max-samples", "4", "--repeats", "1", "--warmup", "0"]) == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert report["model"]["path"] == REPO
-    assert main(["export", "--model", REPO, "--output", str(tmp_path / "export"), "--num-layers", "5",
+    assert report["model"]["path"] == repo
+    assert main(["export", "--model", repo, "--output", str(tmp_path / "export"), "--num-layers", "5",
                  "--data", str(data), "--max-samples", "4"]) == 0
-    assert json.loads((tmp_path / "export" / "export.json").read_text())["source"] == REPO
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["source"] == repo
     capsys.readouterr()
-    assert main(["generate", "--model", REPO, "--prompt", "To be", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", "--model", repo, "--prompt", "To be", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip()
 
 
-def test_commands_on_a_lora_adapter_over_a_hub_model(offline_cache, tmp_path, capsys):
+def test_commands_on_a_lora_adapter_over_a_hub_model(offline_hub, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_dir(REPO))
+    repo = offline_hub.repo
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_dir(repo))
     adapter = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     adapter.save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config,
-                                                                         "base_model_name_or_path": REPO}))
+                                                                         "base_model_name_or_path": repo}))
     assert main(["generate", "--model", str(tmp_path / "adapter"), "--prompt", "To be", "--max-new-tokens", "2"]) == 0
 
 
-def _offline_env(hf_home: Path) -> dict:
-    """A child process that finds hub ids in ``hf_home`` only, and imports dlo from this checkout."""
-    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for name in ("HF_HUB_CACHE", "TENSORBOARD_LOGGING_DIR"):
-        env.pop(name, None)
-    return env
+def _offline(hub_cache) -> dict:
+    """Environment of a child process that finds hub ids in ``hub_cache`` (through HF_HOME) only."""
+    return {"HF_HOME": str(hub_cache.home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": None}
 
 
-def _cli(*argv, env_home: Path):
-    env = _offline_env(env_home)
-    entry = "import sys; from dlo.cli import main; sys.exit(main())"
-    return subprocess.run([sys.executable, "-c", entry, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
-def test_end_to_end_with_the_environment_set(hf_home, tmp_path):
+def test_end_to_end_with_the_environment_set(hub_cache, run_dlo, tmp_path):
     """A fresh process reads HF_HOME and HF_HUB_OFFLINE from the environment, as users set them."""
+    repo = hub_cache.repo
     out = tmp_path / "expanded"
-    proc = _cli("expand", "--model", REPO, "--strategy", "dus", "--overlap", "1", "--output", str(out),
-                env_home=hf_home)
+    proc = run_dlo("expand", "--model", repo, "--strategy", "dus", "--overlap", "1", "--output", out,
+                   **_offline(hub_cache))
     assert proc.returncode == 0, proc.stderr
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 10
 
     for argv, expected in [
-        (["generate", "--model", REPO, "--revision", "v9", "--prompt", "x"], ["revision 'v9'", "HF_HUB_OFFLINE"]),
+        (["generate", "--model", repo, "--revision", "v9", "--prompt", "x"], ["revision 'v9'", "HF_HUB_OFFLINE"]),
         (["expand", "--model", "dlo-test/unknown", "--strategy", "dus", "--overlap", "1", "--output",
-          str(tmp_path / "never")], ["'dlo-test/unknown' not found", str(hf_home / "hub"), "HF_HUB_OFFLINE"]),
+          str(tmp_path / "never")], ["'dlo-test/unknown' not found", str(hub_cache.hub), "HF_HUB_OFFLINE"]),
     ]:
-        proc = _cli(*argv, env_home=hf_home)
+        proc = run_dlo(*argv, **_offline(hub_cache))
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         assert proc.stderr.startswith(f"dlo {argv[0]}: error: model ")
@@ -319,12 +273,15 @@ def test_end_to_end_with_the_environment_set(hf_home, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_recipe_trains_a_hub_model(hf_home, tmp_path):
-    env = _offline_env(hf_home)
+def test_the_recipe_trains_a_hub_model(hub_cache, tmp_path):
+    repo = hub_cache.repo
+    env = {**os.environ, **_offline(hub_cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "TENSORBOARD_LOGGING_DIR": None}
+    env = {name: value for name, value in env.items() if value is not None}
     out = tmp_path / "sft"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "sft.py"), "--config", str(ROOT / "recipes/configs/tiny.yaml"),
-         f"model.path={REPO}", f"output_dir={out}", "training.max_steps=2", "data.max_train_samples=8",
+         f"model.path={repo}", f"output_dir={out}", "training.max_steps=2", "data.max_train_samples=8",
          "data.max_eval_samples=8", "data.max_length=64", "calibration_samples=8",
          "training.per_device_train_batch_size=4", "training.save_steps=100"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

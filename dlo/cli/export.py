@@ -55,6 +55,10 @@ def run(args):
     if args.min_capacity is not None and not source.routed:
         raise UserError(f"{args.model} has no routers, so --min-capacity has nothing to compare with; "
                         "use --num-layers N (with --data to rank the layers)")
+    unrouted = depth - len(source.config.get("dlo_routing", {}).get("routed_layers", [])) if depth else 0
+    if args.num_layers is not None and args.num_layers < unrouted and args.data is None:
+        raise UserError(f"--num-layers={args.num_layers} would drop unrouted layers ({unrouted} of the {depth} "
+                        "layers carry no router), which only measured similarity can rank: add --data FILE")
     if args.data is not None:
         length = max_length(args.max_length, source)
         read_eval_records(args.data, args.max_samples)
