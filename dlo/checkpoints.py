@@ -96,8 +96,8 @@ def _cache_contents(cache: str, repo_id: str, revision: str) -> str:
     refs_dir = os.path.join(storage, "refs")
     refs = sorted(os.path.relpath(os.path.join(root, name), refs_dir)
                   for root, _, names in os.walk(refs_dir) for name in names)
-    snapshots = sorted(os.listdir(os.path.join(storage, "snapshots"))) if os.path.isdir(
-        os.path.join(storage, "snapshots")) else []
+    snapshots_dir = os.path.join(storage, "snapshots")
+    snapshots = sorted(os.listdir(snapshots_dir)) if os.path.isdir(snapshots_dir) else []
     cached = ", ".join(refs + snapshots) or "none"
     return f"the Hugging Face cache {storage} has no revision {revision!r} (cached: {cached})"
 
