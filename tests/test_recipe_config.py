@@ -1,8 +1,9 @@
 """Recipe YAML + key=value overrides."""
 
 import pytest
+import yaml
 
-from dlo.recipe_config import RecipeConfig, apply_overrides, load_recipe_config
+from dlo.recipe_config import RecipeConfig, apply_overrides, changed_settings, load_recipe_config, training_arguments
 
 BASE = {
     "output_dir": "runs/x",
@@ -51,3 +52,24 @@ def test_bundled_configs_parse():
     for path in configs:
         cfg = load_recipe_config(str(path))
         assert cfg.routing is not None and cfg.model.expansion["strategy"] in ("llama-pro", "dus")
+
+
+def test_training_arguments_errors_name_the_key():
+    cfg = RecipeConfig.from_dict(apply_overrides(BASE, ["training.load_best_model_at_end=true"]))
+    with pytest.raises(ValueError, match=r"^training.load_best_model_at_end=True: .*save and eval strategy"):
+        training_arguments(cfg)
+    assert training_arguments(RecipeConfig.from_dict(BASE)).max_steps == 10
+
+
+def test_resume_compares_settings_against_training_defaults():
+    recorded = yaml.safe_load(yaml.safe_dump(RecipeConfig.from_dict(BASE).to_dict()))
+    # Explicit defaults are no change; run length, cadence and eval data may change on resume.
+    same = apply_overrides(BASE, ["training.weight_decay=0.0", "training.report_to=[tensorboard]",
+                                  "training.max_steps=99", "training.logging_steps=3", "data.eval_file=e.jsonl"])
+    assert changed_settings(recorded, RecipeConfig.from_dict(same)) == []
+    other = apply_overrides(BASE, ["training.weight_decay=0.1", "routing.beta=0.2"])
+    assert changed_settings(recorded, RecipeConfig.from_dict(other)) == [
+        ("routing.beta", 0.05, 0.2), ("training.weight_decay", 0.0, 0.1)]
+    dense = RecipeConfig.from_dict(apply_overrides(BASE, ["routing=null"]))
+    routing_keys = [f"routing.{key}" for key in sorted(recorded["routing"])]
+    assert [key for key, _, _ in changed_settings(recorded, dense)] == routing_keys
