@@ -12,14 +12,34 @@ from __future__ import annotations
 ROLES = ("system", "user", "assistant")
 
 
-def _check_messages(messages: list[dict]) -> None:
+def json_kind(value) -> str:
+    """What a JSON value is, for messages: 'null', 'a list', 'an object', 'a number', ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def check_messages(messages, where: str = "") -> None:
+    """Refuse a conversation that is not a list of text messages with known roles (``where`` prefixes errors)."""
+    at = f"{where}: " if where else ""
+    if not isinstance(messages, list):
+        raise ValueError(f"{at}messages is {json_kind(messages)}: expected a list of {{role, content}} objects")
     if not messages:
-        raise ValueError("messages is empty: a conversation needs at least one message")
+        raise ValueError(f"{at}messages is empty: a conversation needs at least one message")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"messages[{i}]={m!r}: each message needs 'role' and 'content'")
+            raise ValueError(f"{at}messages[{i}]={m!r}: each message needs 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise ValueError(f"messages[{i}]: role {m['role']!r} is not one of {ROLES}")
+            raise ValueError(f"{at}messages[{i}]: role {m['role']!r} is not one of {ROLES}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{at}messages[{i}].content is {json_kind(m['content'])}: only text content "
+                             "is supported")
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -28,7 +48,7 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant reply + end marker."""
-    _check_messages(messages)
+    check_messages(messages)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{type(tokenizer).__name__} has no chat template; cannot render messages")
     full = _render(tokenizer, messages)

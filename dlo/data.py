@@ -4,6 +4,12 @@ Accepted inputs: a ``.jsonl``/``.json``/``.parquet`` file or a directory saved w
 ``datasets.Dataset.save_to_disk``. Each record holds either ``messages`` (a list of
 ``{"role", "content"}``; rendered with the tokenizer's chat template, loss on assistant turns
 only) or ``prompt`` and ``completion`` strings (loss on the completion and EOS only).
+
+Every record is checked before anything is tokenised: a malformed line, a record of the other
+format, non-text content, an assistant turn or completion without text, a conversation without
+an assistant turn are refused, naming the file and line (or record). An example longer than
+``max_length`` is truncated; one whose answer begins only after ``max_length`` tokens is dropped.
+Both are counted (``DataCounts``) so the recipe reports them.
 """
 
 from __future__ import annotations
@@ -14,73 +20,129 @@ from dataclasses import dataclass
 
 import torch
 
-from dlo.chat import assistant_token_mask
+from dlo.chat import assistant_token_mask, check_messages, json_kind
+from dlo.errors import UserError
 
 IGNORE_INDEX = -100
+COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion")}
 
 
-def load_records(path: str, limit: int | None = None) -> list[dict]:
+def located_records(path: str, limit: int | None = None) -> list[tuple[str, object]]:
+    """The first ``limit`` records of a data file (all when None), each with where it is: ``file:LINE`` for
+    JSONL, ``file: record N`` or ``file: row N`` otherwise (1-based), for messages about that record."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     if os.path.isdir(path):
         import datasets
 
-        records = [dict(r) for r in datasets.load_from_disk(path)]
+        records = [(f"{path}: row {i}", dict(r)) for i, r in enumerate(datasets.load_from_disk(path), 1)]
     elif path.endswith(".jsonl"):
         records = _read_jsonl(path, limit)
     elif path.endswith(".json"):
-        with open(path) as fh:
-            records = json.load(fh)
+        records = [(f"{path}: record {i}", r) for i, r in enumerate(_read_json(path), 1)]
     elif path.endswith(".parquet"):
         import datasets
 
-        records = [dict(r) for r in datasets.Dataset.from_parquet(path)]
+        records = [(f"{path}: row {i}", dict(r)) for i, r in enumerate(datasets.Dataset.from_parquet(path), 1)]
     else:
-        raise ValueError(f"{path!r}: unsupported data format; use .jsonl, .json, .parquet or a datasets directory")
-    if not isinstance(records, list) or not records:
-        raise ValueError(f"{path!r}: no records found")
+        raise UserError(f"{path!r}: unsupported data format; use .jsonl, .json, .parquet or a datasets directory")
+    if not records:
+        raise UserError(f"{path!r}: no records found")
     return records[:limit] if limit else records
 
 
-def _read_jsonl(path: str, limit: int | None) -> list:
+def load_records(path: str, limit: int | None = None) -> list:
+    return [record for _, record in located_records(path, limit)]
+
+
+def _read_jsonl(path: str, limit: int | None) -> list[tuple[str, object]]:
     """The first ``limit`` records of a JSONL file (all when None); a bad line is named by its number."""
     records = []
-    with open(path) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-            if limit and len(records) >= limit:
-                break
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append((f"{path}:{line_no}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from err
+                if limit and len(records) >= limit:
+                    break
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start} of a line)") from err
     return records
 
 
-def detect_format(records: list[dict], path: str = "data") -> str:
-    first = records[0]
-    if "messages" in first:
+def _read_json(path: str) -> list:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of records, found {json_kind(data)}")
+    return data
+
+
+def detect_format(record, where: str) -> str:
+    """The format of a file, from its first record: 'messages' or 'prompt_completion'."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object (one record), found {json_kind(record)}")
+    if "messages" in record:
         return "messages"
-    if "prompt" in first and "completion" in first:
+    if "prompt" in record and "completion" in record:
         return "prompt_completion"
-    raise ValueError(
-        f"{path}: records need a 'messages' column (chat) or 'prompt' and 'completion' columns; "
-        f"found columns {sorted(first)}"
+    raise UserError(
+        f"{where}: records need a 'messages' column (chat) or 'prompt' and 'completion' columns; "
+        f"found columns {sorted(record)}"
     )
 
 
-def tokenize_record(tokenizer, record: dict, fmt: str, max_length: int) -> dict[str, list[int]]:
+def check_record(where: str, record, fmt: str) -> None:
+    """Refuse a record that would train on nothing or on something other than its text answer."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object (one record), found {json_kind(record)}")
+    missing = [c for c in COLUMNS[fmt] if c not in record]
+    if missing:
+        raise UserError(f"{where}: the record lacks {missing} (the file's first record sets the format: {fmt})")
     if fmt == "messages":
-        ids, mask = assistant_token_mask(tokenizer, record["messages"])
-    else:
-        prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-        completion = completion + [tokenizer.eos_token_id]
-        ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
-    ids, mask = ids[:max_length], mask[:max_length]
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    return {"input_ids": ids, "labels": labels}
+        messages = record["messages"]
+        for i, m in enumerate(messages if isinstance(messages, list) else []):
+            empty = isinstance(m, dict) and (m.get("content") is None or str(m.get("content")).strip() == "")
+            if empty and m.get("role") == "assistant":
+                raise UserError(f"{where}: messages[{i}] is an assistant turn with empty content; "
+                                "every reply needs text to train on")
+        check_messages(messages, where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{where}: no trainable tokens: the conversation has no assistant turn")
+        return
+    for column in COLUMNS[fmt]:
+        if not isinstance(record[column], str):
+            raise UserError(f"{where}: {column} is {json_kind(record[column])}: only text is supported")
+    if not record["completion"].strip():
+        raise UserError(f"{where}: the completion is empty; there is nothing to train on")
+
+
+def token_mask(tokenizer, record: dict, fmt: str) -> tuple[list[int], list[int]]:
+    """Token ids of a whole record and a 0/1 mask, 1 on the answer (assistant turns, or completion and EOS)."""
+    if fmt == "messages":
+        return assistant_token_mask(tokenizer, record["messages"])
+    prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+    completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+    completion = completion + [tokenizer.eos_token_id]
+    return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+
+
+def _labelled(ids: list[int], mask: list[int]) -> dict[str, list[int]]:
+    return {"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]}
+
+
+def tokenize_record(tokenizer, record: dict, fmt: str, max_length: int) -> dict[str, list[int]]:
+    ids, mask = token_mask(tokenizer, record, fmt)
+    return _labelled(ids[:max_length], mask[:max_length])
 
 
 def pack(examples: list[dict], block: int) -> list[dict]:
@@ -91,27 +153,45 @@ def pack(examples: list[dict], block: int) -> list[dict]:
             for i in range(0, len(ids) - block + 1, block)]
 
 
+@dataclass
+class DataCounts:
+    """What became of a data file's records; ``summary.json`` reports them under ``data``."""
+
+    records: int
+    examples: int = 0  # trained on (before packing)
+    truncated: int = 0  # kept, cut to max_length
+    dropped_too_long: int = 0  # no answer token within max_length
+    packed_blocks: int | None = None
+
+
 def build_sft_dataset(tokenizer, path: str, max_length: int, limit: int | None = None,
-                      packing: bool = False) -> list[dict]:
-    records = load_records(path, limit)
-    fmt = detect_format(records, path)
-    column = ["messages"] if fmt == "messages" else ["prompt", "completion"]
-    for i, record in enumerate(records):
-        missing = [c for c in column if c not in record]
-        if missing:
-            raise ValueError(f"{path}: record {i} lacks column(s) {missing}")
-    examples = [tokenize_record(tokenizer, r, fmt, max_length) for r in records]
-    examples = [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"])]
+                      packing: bool = False) -> tuple[list[dict], DataCounts]:
+    """Tokenised examples of a data file, every record checked first, and what became of the records."""
+    located = located_records(path, limit)
+    fmt = detect_format(located[0][1], located[0][0])
+    for where, record in located:
+        check_record(where, record, fmt)
+    counts = DataCounts(records=len(located))
+    examples = []
+    for _, record in located:
+        ids, mask = token_mask(tokenizer, record, fmt)
+        if len(ids) > max_length:
+            ids, mask = ids[:max_length], mask[:max_length]
+            if not any(mask):
+                counts.dropped_too_long += 1
+                continue
+            counts.truncated += 1
+        examples.append(_labelled(ids, mask))
+    counts.examples = len(examples)
     if not examples:
-        raise ValueError(
-            f"{path}: no trainable tokens: every example has an empty answer after tokenisation/truncation "
-            f"to max_length={max_length} (no assistant turn or completion)"
-        )
+        raise UserError(f"{path}: all {counts.records} examples are dropped: each reaches data.max_length="
+                        f"{max_length} tokens before its answer begins; raise data.max_length")
     if packing:
         examples = pack(examples, max_length)
+        counts.packed_blocks = len(examples)
         if not examples:
-            raise ValueError(f"{path}: packing into blocks of {max_length} tokens left no full block")
-    return examples
+            raise UserError(f"{path}: packing into blocks of {max_length} tokens left no full block")
+    return examples, counts
 
 
 @dataclass

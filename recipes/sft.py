@@ -4,32 +4,50 @@
 
 Overrides use dotted keys into the YAML sections, e.g. ``routing.capacity=0.25``,
 ``training.max_steps=100``, ``output_dir=runs/x``; ``resume=true`` continues the run in
-``output_dir`` from its last checkpoint (a run stopped with SIGTERM saves one before exiting).
+``output_dir`` from its newest complete checkpoint (a run stopped with SIGTERM saves one before
+exiting) when the settings that shape training are those the run was started with.
 The final model is written to ``<output_dir>/final``: a ``dlo.load_model`` checkpoint (or a
 plain one when routing is off) with the tokenizer, calibrated thresholds and ``summary.json``.
+
+Config, data, model and output_dir are all checked before anything is written; a mistake in any
+of them exits with ``sft.py: error: <message>`` and code 2 (``DLO_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
+import re
 import sys
 
 import torch
 import yaml
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 
 import dlo
 from dlo.checkpoints import check_weights, read_config, resolve_model_dir
-from dlo.data import SFTCollator, build_sft_dataset
+from dlo.data import DataCounts, SFTCollator, build_sft_dataset
+from dlo.errors import EXIT_USER_ERROR, USER_ERRORS, UserError, debug_enabled, run_entry_point
 from dlo.modeling import routed_layers
-from dlo.recipe_config import RecipeConfig, load_recipe_config
+from dlo.recipe_config import (
+    RESUME_SAFE_KEYS,
+    RecipeConfig,
+    changed_settings,
+    load_recipe_config,
+    parse_scalar,
+    training_arguments,
+)
 from dlo.trainer import CapacityImageCallback, DloTrainer
+from dlo.validation import Boolean
 
 RUN_CONFIG_FILE = "recipe_config.yaml"
+FINAL_DIR = "final"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def parse_args(argv):
@@ -39,23 +57,114 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def check_output_dir(cfg: RecipeConfig, resume: bool):
-    """Refuse to mix two runs in one directory (every rank checks before anyone writes)."""
+def split_resume(overrides: list[str]) -> tuple[bool, list[str]]:
+    """``resume=true|false`` (not a config key) and the other overrides."""
+    resume, rest = False, []
+    for item in overrides:
+        if item.startswith("resume="):
+            resume = Boolean()("resume", parse_scalar(item.split("=", 1)[1]))
+        else:
+            rest.append(item)
+    return resume, rest
+
+
+@contextlib.contextmanager
+def reported_by_first_local_process():
+    """Every process checks the same inputs; a mistake in them is reported once per machine, by local rank 0."""
+    try:
+        yield
+    except USER_ERRORS:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 or debug_enabled():
+            raise
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def is_complete(checkpoint: str) -> bool:
+    """Saving finished: the Trainer writes trainer_state.json last, after weights, optimizer, scheduler and RNG."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as fh:
+            json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def newest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
+    """The newest complete ``checkpoint-N`` of ``output_dir`` and the newer ones whose saving was cut off."""
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
+                   if (m := CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name)))
+    incomplete = []
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if is_complete(path):
+            return path, incomplete
+        incomplete.append(name)
+    return None, incomplete
+
+
+def check_output_dir(cfg: RecipeConfig, resume: bool) -> str | None:
+    """The checkpoint to resume from (None: train from step 0), once ``output_dir`` may hold this run.
+
+    Every rank checks before anyone writes. A run that saved neither a complete checkpoint nor a final model
+    left nothing to keep: a rerun, or ``resume=true``, starts it again.
+    """
+    out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"output_dir {out!r} is a file, not a directory")
+    entries = os.listdir(out) if os.path.isdir(out) else []
+    if not os.path.isfile(os.path.join(out, RUN_CONFIG_FILE)):
+        if resume:
+            raise UserError(f"resume=true but {out!r} holds no dlo run to resume (no {RUN_CONFIG_FILE})")
+        if entries:
+            raise UserError(f"output_dir {out!r} already holds other files; choose another output_dir")
+        return None
+    checkpoint, incomplete = newest_complete_checkpoint(out)
+    finished = os.path.isdir(os.path.join(out, FINAL_DIR))
+    if not resume:
+        if checkpoint or finished:
+            held = os.path.basename(checkpoint) if checkpoint else f"{FINAL_DIR}/"
+            raise UserError(f"output_dir {out!r} already holds a dlo run ({held}); pass resume=true to continue "
+                            "it or choose another output_dir")
+        PartialState().print(f"output_dir {out!r} holds a run that saved no checkpoint: starting it again")
+        return None
+    if checkpoint is None:
+        if finished:
+            raise UserError(f"resume=true but {out!r} holds a finished run ({FINAL_DIR}/) and no complete "
+                            "checkpoint to continue from")
+        PartialState().print(f"resume=true: {out!r} holds no complete checkpoint; training from step 0")
+        return None
+    refuse_changed_settings(cfg)
+    if incomplete:
+        PartialState().print(f"skipping {', '.join(incomplete)}: saving was cut off before {TRAINER_STATE_NAME}")
+    return checkpoint
+
+
+def refuse_changed_settings(cfg: RecipeConfig):
+    """A resumed run trains on with the weights, buffers and optimizer of its checkpoint: settings that shape
+    them must be those the run was started with."""
     path = os.path.join(cfg.output_dir, RUN_CONFIG_FILE)
-    if os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir) and not resume:
-        found = "a dlo run" if os.path.isfile(path) else "other files"
-        raise ValueError(
-            f"output_dir {cfg.output_dir!r} already holds {found}; pass resume=true to continue it "
-            "or choose another output_dir"
-        )
-    if resume and not os.path.isfile(path):
-        raise ValueError(f"resume=true but {cfg.output_dir!r} holds no dlo run to resume")
+    try:
+        with open(path) as fh:
+            recorded = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: the run's recorded config cannot be read ({err})") from err
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path}: the run's recorded config is not a YAML mapping")
+    changed = changed_settings(recorded, cfg)
+    if changed:
+        listed = "; ".join(f"{key}: {before!r} -> {after!r}" for key, before, after in changed)
+        raise UserError(f"resume=true but settings differ from the run in {cfg.output_dir!r} ({listed}); resume "
+                        f"with the run's settings ({path}) or start a new run in another output_dir. May change "
+                        f"on resume: {', '.join(RESUME_SAFE_KEYS)}")
 
 
 def record_run_config(cfg: RecipeConfig):
+    """Write the run's settings (replacing them at once, so a kill never leaves half a file)."""
     os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, RUN_CONFIG_FILE), "w") as fh:
+    path = os.path.join(cfg.output_dir, RUN_CONFIG_FILE)
+    with open(path + ".tmp", "w") as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(path + ".tmp", path)
 
 
 def expansion_plan(spec: dict, num_layers: int):
@@ -113,6 +222,9 @@ def print_summary(summary: dict):
     for key in ("steps", "train_task_loss", "eval_loss", "eval_perplexity", "train_seconds"):
         if summary.get(key) is not None:
             print(f"{key:>18}: {summary[key]}")
+    for split, c in summary.get("data", {}).items():
+        print(f"{split + '_examples':>18}: {c['examples']} of {c['records']} records "
+              f"({c['dropped_too_long']} dropped as too long, {c['truncated']} truncated)")
     if summary.get("layers"):
         print(f"{'layer':>6} {'target':>8} {'realised':>9} {'threshold':>10}")
         for row in summary["layers"]:
@@ -121,62 +233,74 @@ def print_summary(summary: dict):
     print(f"final model: {summary['final_dir']}")
 
 
+def data_line(path: str, counts: DataCounts, max_length: int) -> str:
+    line = f"data: {path}: {counts.records} records -> {counts.examples} examples"
+    if counts.dropped_too_long:
+        line += f", {counts.dropped_too_long} dropped (no answer token within max_length={max_length})"
+    if counts.truncated:
+        line += f", {counts.truncated} truncated to {max_length} tokens"
+    if counts.packed_blocks is not None:
+        line += f", packed into {counts.packed_blocks} blocks"
+    return line
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    overrides = [o for o in args.overrides if not o.startswith("resume=")]
-    resume = any(o in ("resume=true", "resume=True", "resume=1") for o in args.overrides)
-    cfg = load_recipe_config(args.config, overrides)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    check_output_dir(cfg, resume)
-    set_seed(cfg.seed)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tb"))
+    with reported_by_first_local_process():
+        resume, overrides = split_resume(args.overrides)
+        cfg = load_recipe_config(args.config, overrides)
+        targs = training_arguments(cfg)
+        checkpoint = check_output_dir(cfg, resume)
+        set_seed(cfg.seed)
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tb"))
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.model.path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = load_model(cfg)
-    train = build_sft_dataset(tokenizer, cfg.data.train_file, cfg.data.max_length, cfg.data.max_train_samples,
-                              cfg.data.packing)
-    evaluation = None
-    if cfg.data.eval_file:
-        evaluation = build_sft_dataset(tokenizer, cfg.data.eval_file, cfg.data.max_length,
-                                       cfg.data.max_eval_samples)
-    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id)
-    if cfg.lora is not None:
-        model = add_lora(model, cfg)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.model.path))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        train, train_counts = build_sft_dataset(tokenizer, cfg.data.train_file, cfg.data.max_length,
+                                                cfg.data.max_train_samples, cfg.data.packing)
+        counts = {"train": train_counts}
+        evaluation = None
+        if cfg.data.eval_file:
+            evaluation, counts["eval"] = build_sft_dataset(tokenizer, cfg.data.eval_file, cfg.data.max_length,
+                                                           cfg.data.max_eval_samples)
+        if is_main:
+            print(data_line(cfg.data.train_file, train_counts, cfg.data.max_length))
+            if evaluation is not None:
+                print(data_line(cfg.data.eval_file, counts["eval"], cfg.data.max_length))
+        model = load_model(cfg)
+        collator = SFTCollator(pad_token_id=tokenizer.pad_token_id)
+        if cfg.lora is not None:
+            model = add_lora(model, cfg)
 
-    training = {"report_to": ["tensorboard"], "save_strategy": "steps", "ddp_find_unused_parameters": False,
-                **cfg.training}
-    targs = TrainingArguments(output_dir=cfg.output_dir, seed=cfg.seed, remove_unused_columns=False, **training)
-    PartialState().wait_for_everyone()  # every rank has checked output_dir before the main one writes there
-    if is_main and not resume:
+    PartialState().wait_for_everyone()  # every rank has checked its inputs before the main one writes
+    if is_main:
         record_run_config(cfg)
     trainer = DloTrainer(model=model, args=targs, train_dataset=train, eval_dataset=evaluation,
                          data_collator=collator, processing_class=tokenizer)
     trainer.add_callback(CapacityImageCallback(os.environ["TENSORBOARD_LOGGING_DIR"],
                                                every=max(targs.logging_steps, 1) * 5))
-    checkpoint = get_last_checkpoint(cfg.output_dir) if resume else None
-    if resume and checkpoint is None:
-        raise ValueError(f"resume=true but {cfg.output_dir!r} has no checkpoint-* directory")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     stopped = trainer.state.global_step < trainer.state.max_steps
     if stopped:
         if is_main:
             print(f"stopped at step {trainer.state.global_step}; checkpoint saved. Resume with: "
-                  f"accelerate launch recipes/sft.py --config {args.config} {' '.join(args.overrides)} resume=true")
+                  f"accelerate launch recipes/sft.py --config {args.config} {' '.join(overrides)} resume=true")
         return 0
-    finish(cfg, trainer, tokenizer, train, evaluation, collator, result, is_main)
+    finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts, is_main)
     return 0
 
 
-def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, is_main):
+def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts: dict[str, DataCounts], is_main):
     model = trainer.model
     if cfg.lora is not None and cfg.lora.merge:
         model = model.merge_and_unload()
     routed = routed_layers(model)
     summary = {"steps": trainer.state.global_step, "train_seconds": round(result.metrics["train_runtime"], 1),
                "train_task_loss": next((h["task_loss"] for h in reversed(trainer.state.log_history)
-                                        if "task_loss" in h), None)}
+                                        if "task_loss" in h), None),
+               "data": {split: dataclasses.asdict(c) for split, c in counts.items()}}
     if routed and cfg.calibration_samples > 0:
         # Calibrate on training text; realised capacity is then measured on held-out text.
         batches = calibration_batches(train, collator, cfg.calibration_samples)
@@ -192,7 +316,7 @@ def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, is_main
              "realised_capacity": round(r, 4), "threshold": round(float(layer.threshold()), 5)}
             for layer, r in zip(routed, realised)
         ]
-    final_dir = os.path.join(cfg.output_dir, "final")
+    final_dir = os.path.join(cfg.output_dir, FINAL_DIR)
     summary["final_dir"] = final_dir
     if is_main:
         model.save_pretrained(final_dir)
@@ -220,4 +344,4 @@ def _realised_capacity(model, examples, collator, n: int = 64) -> list[float]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry_point(main, prog="sft.py"))
