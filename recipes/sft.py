@@ -170,10 +170,11 @@ def record_run_config(cfg: RecipeConfig):
 def expansion_plan(spec: dict, num_layers: int):
     from dlo.expansion import ExpansionPlan
 
-    spec = dict(spec)
-    if "strategy" not in spec:
-        raise ValueError("model.expansion needs a 'strategy' (llama-pro, dus, idus or slices)")
-    return ExpansionPlan.build(spec.pop("strategy"), num_layers, **spec)
+    spec = dict(spec)  # the recipe config has checked that it names a strategy
+    try:
+        return ExpansionPlan.build(spec.pop("strategy"), num_layers, **spec)
+    except (TypeError, ValueError) as err:  # a parameter the strategy does not take, or a bad value
+        raise UserError(f"model.expansion: {err}") from err
 
 
 def load_model(cfg: RecipeConfig):

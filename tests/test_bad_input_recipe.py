@@ -140,6 +140,7 @@ ROWS = [
     (["model.dtype=fp8"], ["model.dtype='fp8': expected one of 'float32', 'bfloat16', 'float16'"], None),
     (["model.expansion={groups: 2}"], ["model.expansion={'groups': 2}: needs a 'strategy'"], None),
     (["model.pth=x"], ["unknown config key 'model.pth'; did you mean 'path'?"], None),
+    (["model.expansion.group=2"], ["model.expansion: ", "unexpected keyword argument 'group'"], None),
     (["lora.r=0"], ["lora.r=0: must be >= 1"], None),
     (["lora.target_modules=q_proj"], ["lora.target_modules='q_proj': expected a non-empty list"], None),
     (["seed=-1"], ["seed=-1: must be in [0, 4294967295]"], None),
