@@ -22,6 +22,7 @@ class RouterLossOutput:
     loss: torch.Tensor  # () mean over routed layers of the BCE mean over valid tokens (unweighted by lambda)
     token_loss_sum: torch.Tensor  # () mean over routed layers of the BCE summed over valid tokens
     labels: list[torch.Tensor]  # per routed layer, (B, T) bool: the 'run' labels
+    weighted_term: torch.Tensor | None = None  # () what trains: weight * the loss normalised like the task loss
 
 
 def quantiles(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

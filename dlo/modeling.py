@@ -10,7 +10,6 @@ loop therefore trains a routed model correctly.
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +20,19 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from dlo.cache import RoutedCache
+from dlo.checkpoints import check_weights, read_config, resolve_model_dir
 from dlo.config import RoutingConfig
-from dlo.distributed import all_reduce_sum
+from dlo.distributed import all_reduce_sum, world_size
+from dlo.errors import UserError
 from dlo.losses import router_loss
-from dlo.routing import CACHE_KWARGS, FORCE_MODES, RoutedDecoderLayer, RouterRecord, routed_layer_class
+from dlo.routing import (
+    CACHE_KWARGS,
+    FORCE_MODES,
+    RoutedDecoderLayer,
+    RouterRecord,
+    RoutingInputs,
+    routed_layer_class,
+)
 from dlo.state import RoutingState
 
 ATTENTION_FOR_BLOCK = ("sdpa", "eager")
@@ -71,36 +79,33 @@ class DloRoutedMixin:
     def forward(self, input_ids=None, attention_mask=None, *args, labels=None, output_router_logits=None,
                 num_items_in_batch=None, **kwargs):
         # `labels` is named in the signature: HF Trainer looks for it there to compute eval loss.
-        state: RoutingState = getattr(self, STATE_MODULE)
-        if self.training:
-            _check_checkpointing(self)
-        else:
+        if not self.training:
             kwargs = _with_routed_cache(self, kwargs)
-        embeds = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        routing = state.inputs(self.training, embeds.shape[1], attention_mask, bool(output_router_logits),
-                               embeds.device)
+        routing = _routing_inputs(self, getattr(self, STATE_MODULE), input_ids, attention_mask, kwargs,
+                                  bool(output_router_logits))
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            routing.label_tokens = _label_tokens(labels, kwargs.get("shift_labels"))
+        routing.num_items_in_batch = num_items_in_batch
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
         out = super().forward(input_ids, attention_mask, *args, labels=labels, dlo_routing=routing, **kwargs)
         if not routing.collect:
             return out
-        records = tuple(routing.records[layer.layer_index] for layer in state.layers
-                        if layer.layer_index in routing.records)
+        records = _records(routing, getattr(self, STATE_MODULE))
         result = RoutedCausalLMOutput(**out, task_loss=out.loss, router_logits=tuple(r.logits for r in records),
                                       routing=records)
-        if routing.training and len(records) == len(state.layers):
-            rl = router_loss(list(records), state.config)
+        rl = routing.router_loss
+        if rl is not None:
             result.router_loss = rl.loss
-            label_tokens = _label_tokens(labels, kwargs.get("shift_labels"), rl.loss.device)
+            label_tokens = routing.label_tokens if routing.label_tokens is not None else rl.loss.new_zeros(())
+            task_mean = None
             if out.loss is not None:
-                term = _normalised_router_term(rl, records, label_tokens, num_items_in_batch)
-                result.loss = out.loss + state.config.router_loss_weight * term
-                task_mean = out.loss.detach() * (num_items_in_batch / label_tokens.clamp(min=1)
-                                                 if num_items_in_batch is not None else 1.0)
-            else:
-                task_mean = torch.zeros((), device=rl.loss.device)
-            state.observe(list(records), rl.labels,
-                          {"router_loss": rl.loss, "task_loss": task_mean, "label": label_tokens})
+                # The router term already trains through the decoder's output (see _AttachRouterLoss); the loss
+                # shows its value so what is logged is task + weight * router.
+                result.loss = out.loss + rl.weighted_term.detach()
+                scale = num_items_in_batch / label_tokens.clamp(min=1) if num_items_in_batch is not None else 1.0
+                task_mean = out.loss.detach() * scale
+            getattr(self, STATE_MODULE).observe(list(records), rl.labels, rl.loss, task_mean, label_tokens)
         return result
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -118,29 +123,89 @@ class DloRoutedMixin:
             fh.write(shim)
 
 
-def _label_tokens(labels, shift_labels, device) -> torch.Tensor:
+class DloBackboneMixin:
+    """Behaviour added to the decoder (e.g. ``LlamaModel``) of a routed model.
+
+    The routing of one forward is decided here, where every caller passes: the causal LM head, and code that
+    runs the decoder on its own (TRL's fused LM head computes its loss from the decoder's hidden states).
+    In training the router loss is computed from the layers' records and attached to the decoder's output,
+    so it trains with whatever loss is computed from that output.
+    """
+
+    _dlo_state: RoutingState  # the routed model's RoutingState (a reference, not a submodule)
+
+    def forward(self, input_ids=None, attention_mask=None, *args, dlo_routing: RoutingInputs | None = None,
+                **kwargs):
+        state = self._dlo_state
+        routing = dlo_routing
+        if routing is None:  # called directly, not through the routed causal LM
+            if not self.training:
+                kwargs = _with_routed_cache(self, kwargs)
+            routing = _routing_inputs(self, state, input_ids, attention_mask, kwargs, False)
+        out = super().forward(input_ids, attention_mask, *args, dlo_routing=routing, **kwargs)
+        records = _records(routing, state)
+        if routing.training and records and len(records) == len(state.layers):
+            rl = router_loss(list(records), state.config)
+            term = _normalised_router_term(rl, records, routing.label_tokens, routing.num_items_in_batch)
+            rl.weighted_term = state.config.router_loss_weight * term
+            out.last_hidden_state = _AttachRouterLoss.apply(out.last_hidden_state, rl.weighted_term)
+            routing.router_loss = rl
+            if dlo_routing is None:
+                state.observe(list(records), rl.labels, rl.loss, None, rl.loss.new_zeros(()))
+        return out
+
+
+class _AttachRouterLoss(torch.autograd.Function):
+    """Identity on the decoder's hidden states whose backward also sends gradient 1 to the weighted router loss.
+
+    The router loss then trains exactly once with any loss computed from the hidden states (the stock LM head,
+    a custom head, a fused one), without that loss having to know about it.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weighted_router_loss):
+        ctx.loss_dtype, ctx.loss_device = weighted_router_loss.dtype, weighted_router_loss.device
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_hidden):
+        return grad_hidden, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
+
+
+def _routing_inputs(model, state, input_ids, attention_mask, kwargs, collect) -> RoutingInputs:
+    if model.training:
+        _check_checkpointing(model)
+    embeds = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    return state.inputs(model.training, embeds.shape[1], attention_mask, collect, embeds.device)
+
+
+def _records(routing: RoutingInputs, state: RoutingState) -> tuple[RouterRecord, ...]:
+    return tuple(routing.records[layer.layer_index] for layer in state.layers if layer.layer_index in routing.records)
+
+
+def _label_tokens(labels, shift_labels) -> torch.Tensor:
     """Tokens that carry a task label in this forward, counted as causal LM losses count them (shifted)."""
     if shift_labels is not None:
         return (shift_labels != -100).sum()
-    if labels is None:
-        return torch.zeros((), dtype=torch.long, device=device)
     return (labels[..., 1:] != -100).sum()
 
 
 def _normalised_router_term(rl, records, label_tokens, num_items_in_batch) -> torch.Tensor:
-    """The router loss as it enters ``loss``, normalised the way the task loss is.
+    """The router loss as it trains, normalised the way the task loss is.
 
-    Without ``num_items_in_batch`` the task loss is this batch's mean: so is the router term. With it
-    (HF Trainer: label tokens of the whole optimizer step, summed over ranks) the task loss is a share of
-    the step's mean; the router term then is this micro-batch's token-mean over every rank, weighted by
-    the micro-batch's share of label tokens, so the terms of one step sum to a mean exactly as one
-    process with the whole batch computes it.
+    Without ``num_items_in_batch`` the task loss is this batch's mean: so is the router term (DDP then
+    averages the ranks' gradients). With it (HF Trainer: label tokens of the whole optimizer step, summed over
+    ranks; the Trainer multiplies the task loss by the number of ranks before DDP averages) the term is this
+    micro-batch's token-sum over the tokens of every rank, weighted by the micro-batch's share of label tokens
+    and scaled like the task loss, so the terms of one step add up to the mean one process with the whole batch
+    computes.
     """
-    if num_items_in_batch is None:
+    if num_items_in_batch is None or label_tokens is None:
         return rl.loss
     counts = torch.stack([records[0].valid.sum(), label_tokens]).to(rl.loss.device, torch.float64)
     valid_all, labels_all = _all_reduce_counts(counts)
-    return rl.token_loss_sum / valid_all.clamp(min=1) * (labels_all / num_items_in_batch)
+    share = labels_all / torch.as_tensor(num_items_in_batch, device=rl.loss.device).float()
+    return rl.token_loss_sum / valid_all.clamp(min=1) * share * world_size()
 
 
 @torch.compiler.disable
@@ -203,6 +268,19 @@ def routed_model_class(base: type) -> type:
     return _ROUTED_MODEL_CLASSES[base]
 
 
+_ROUTED_BACKBONE_CLASSES: dict[type, type] = {}
+
+
+def routed_backbone_class(base: type) -> type:
+    """``DloBackbone<Base>``: the decoder class (e.g. ``LlamaModel``) of a routed model."""
+    if issubclass(base, DloBackboneMixin):
+        return base
+    if base not in _ROUTED_BACKBONE_CLASSES:
+        _ROUTED_BACKBONE_CLASSES[base] = type(f"DloBackbone{base.__name__}", (DloBackboneMixin, base),
+                                              {"__module__": __name__})
+    return _ROUTED_BACKBONE_CLASSES[base]
+
+
 def stock_model_class(model) -> type:
     """The stock transformers class of ``model``: the one its routed class was made from (wrappers such as
     FSDP's, which subclass the routed class, are looked through)."""
@@ -213,7 +291,7 @@ def stock_model_class(model) -> type:
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
+    layers = getattr(decoder, "layers", None) if decoder is not None else getattr(model, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"{type(model).__name__} has no decoder layer stack (model.get_decoder().layers)")
     return layers
@@ -271,7 +349,11 @@ def _install_routers(model, config: RoutingConfig, indices: list[int], capacitie
         layers[i] = cls(stock, layer_index=i, routed_index=routed_index, capacity=capacity,
                         granularity=config.granularity, beta=config.beta)
         routed.append(layers[i])
-    model.add_module(STATE_MODULE, RoutingState(config, routed))
+    state = RoutingState(config, routed)
+    model.add_module(STATE_MODULE, state)
+    backbone = model.get_decoder()
+    backbone.__class__ = routed_backbone_class(type(backbone))
+    backbone.__dict__["_dlo_state"] = state  # a reference: the state is the causal LM's submodule
 
 
 def _sync_config(model):
@@ -287,24 +369,23 @@ def _sync_config(model):
     }
 
 
-def load_model(path: str, capacity: float | list[float] | None = None, **kwargs):
-    """Load a routed checkpoint saved by dlo. ``capacity`` overrides the per-layer targets.
+def load_model(path: str, capacity: float | list[float] | None = None, revision: str | None = None, **kwargs):
+    """Load a routed checkpoint saved by dlo: a local directory or a hub id (``revision``: branch, tag or
+    commit), resolved as transformers resolves it. ``capacity`` overrides the per-layer targets.
 
     Extra keyword arguments go to ``from_pretrained`` (e.g. ``dtype``, ``device_map``).
     """
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path}: no config.json (not a saved model directory)")
-    with open(config_file) as fh:
-        raw = json.load(fh)
+    model_dir = resolve_model_dir(path, revision)
+    raw = read_config(model_dir)
     info = raw.get("dlo_routing")
     if info is None:
-        raise ValueError(f"{path}: config has no 'dlo_routing' (no routers); load it with AutoModelForCausalLM")
+        raise UserError(f"{path}: config has no 'dlo_routing' (no routers); load it with AutoModelForCausalLM")
+    check_weights(model_dir)
     base_name = info["base_architecture"]
     base = getattr(transformers, base_name, None)
     if base is None:
-        raise ValueError(f"{path}: unknown base architecture {base_name!r}")
-    model, loading = routed_model_class(base).from_pretrained(path, output_loading_info=True, **kwargs)
+        raise UserError(f"{path}: unknown base architecture {base_name!r} (transformers {transformers.__version__})")
+    model, loading = routed_model_class(base).from_pretrained(model_dir, output_loading_info=True, **kwargs)
     router_problems = [k for k in [*loading["missing_keys"], *loading["unexpected_keys"]]
                        if ".router." in k or k.endswith((".capacity", ".score_quantiles"))]
     if router_problems:

@@ -68,6 +68,10 @@ class RoutingInputs:
     force: dict[int, str] = field(default_factory=dict)  # layer index -> "run" | "skip"
     collect: bool = True  # write records (training, or output_router_logits at inference)
     records: dict[int, RouterRecord] = field(default_factory=dict)  # layer index -> its decisions
+    # Set by the causal LM head when it knows them: how the task loss is normalised (see modeling.py).
+    label_tokens: torch.Tensor | None = None  # () tokens with a task label in this forward
+    num_items_in_batch: torch.Tensor | int | None = None  # label tokens of the whole optimizer step (HF Trainer)
+    router_loss: object | None = None  # the RouterLossOutput the decoder computed from the records
 
     def valid_tokens(self, batch: int, seq_len: int) -> torch.Tensor | None:
         """(B, T) bool validity of the current chunk of tokens, or None when nothing is padded."""

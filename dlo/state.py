@@ -93,11 +93,13 @@ class RoutingState(nn.Module):
     # ---- 2. what a training forward decided ----------------------------------------------
     @torch.compiler.disable
     @torch.no_grad()
-    def observe(self, records: list, labels: list[torch.Tensor], weights: dict[str, torch.Tensor]):
+    def observe(self, records: list, labels: list[torch.Tensor], router_loss: torch.Tensor,
+                task_loss: torch.Tensor | None, label_tokens: torch.Tensor):
         """Keep a training forward's decisions until the optimizer step commits them.
 
-        ``weights``: the forward's token counts (``valid``: tokens routed; ``label``: tokens with a task
-        label) and loss terms, so logged means are token-weighted exactly as one big batch would be.
+        router_loss: this forward's router BCE (mean over valid tokens); task_loss: the mean over its
+        ``label_tokens`` task-labelled tokens (None when the caller computes the loss itself); logged means
+        are token-weighted, exactly as one big batch would give them.
         """
         valid = records[0].valid  # every routed layer sees the same padding
         scores = torch.stack([torch.sigmoid(r.logits) for r in records])  # (L, B, T)
@@ -112,13 +114,16 @@ class RoutingState(nn.Module):
         }
         sums = {f"routing/{k}": v for k, v in layer_sums.items()}
         sums["routing/valid_tokens"] = n_valid
-        sums["router_loss"] = weights["router_loss"].detach().double() * n_valid
-        sums["task_loss"] = weights["task_loss"].detach().double() * weights["label"]
-        sums["task_tokens"] = weights["label"].double()
+        sums["router_loss"] = router_loss.detach().double() * n_valid
+        # Present on every rank either way (the commit reduces the same keys everywhere); 0 tokens: not known.
+        counted = label_tokens.double() if task_loss is not None else label_tokens.new_zeros((), dtype=torch.float64)
+        sums["task_loss"] = (task_loss.detach().double() * counted) if task_loss is not None else counted
+        sums["task_tokens"] = counted
         if len(self._pending) >= MAX_PENDING:
             warnings.warn(f"{MAX_PENDING} training forwards without an optimizer step: dlo keeps routing statistics "
                           "from the optimizer step only; the oldest observation is dropped", stacklevel=2)
             self._pending.pop(0)
+        _REGISTRY.add(self)  # (again: a deep-copied model's state was never constructed)
         self._pending.append(Observation(scores=scores.float(), valid=valid, sums=sums))
 
     def discard_observations(self):
@@ -170,10 +175,9 @@ class RoutingState(nn.Module):
         if not sums:
             return {}
         valid = float(sums["routing/valid_tokens"])
-        out: dict[str, float | list[float]] = {
-            "router_loss": float(sums["router_loss"]) / max(valid, 1.0),
-            "task_loss": float(sums["task_loss"]) / max(float(sums["task_tokens"]), 1.0),
-        }
+        out: dict[str, float | list[float]] = {"router_loss": float(sums["router_loss"]) / max(valid, 1.0)}
+        if float(sums["task_tokens"]) > 0:  # the caller computed the task loss itself (e.g. a fused LM head)
+            out["task_loss"] = float(sums["task_loss"]) / float(sums["task_tokens"])
         for key in ("capacity", "score", "agreement", "label_run_share"):
             out[f"routing/{key}"] = (sums[f"routing/{key}"] / max(valid, 1.0)).tolist()
         out["routing/threshold"] = [float(layer.threshold()) for layer in self._layers]

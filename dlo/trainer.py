@@ -38,8 +38,9 @@ def routing_log_entries(model) -> dict[str, float]:
     means = state.pop_logs()
     if not means:
         return {}
-    logs: dict[str, float] = {"task_loss": round(means.pop("task_loss"), 6),
-                              "router_loss": round(means.pop("router_loss"), 6)}
+    logs: dict[str, float] = {"router_loss": round(means.pop("router_loss"), 6)}
+    if "task_loss" in means:
+        logs["task_loss"] = round(means.pop("task_loss"), 6)
     for key, values in means.items():
         for layer, value in zip(state.layers, values):
             logs[f"{key}/layer_{layer.layer_index}"] = round(float(value), 5)
@@ -53,8 +54,8 @@ def routing_console_line(logs: dict) -> str:
     layers = sorted(int(k.rsplit("_", 1)[1]) for k in logs if k.startswith("routing/capacity/layer_"))
     cells = " ".join(f"L{i}:{logs[f'routing/capacity/layer_{i}']:.2f}/{logs[f'routing/agreement/layer_{i}']:.2f}"
                      for i in layers)
-    return (f"task {logs['task_loss']:.4f}  router {logs['router_loss']:.4f}  "
-            f"capacity/agreement {cells}")
+    task = f"task {logs['task_loss']:.4f}  " if "task_loss" in logs else ""
+    return f"{task}router {logs['router_loss']:.4f}  capacity/agreement {cells}"
 
 
 class RoutingLogCallback(TrainerCallback):

@@ -196,7 +196,7 @@ def load_model(cfg: RecipeConfig):
     if cfg.routing is not None and not already_routed:
         model = dlo.attach_routers(model, cfg.routing)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     return model
 
 

@@ -176,20 +176,37 @@ def test_eval_routing_is_causal(base, granularity):
 
 
 def test_gradients_reach_router_through_gate_and_loss(base):
+    ids = torch.randint(3, base.config.vocab_size, (2, 10))
+    # Without the router loss (weight 0), the task loss reaches the router through the gate alone.
+    gate_only = dlo.attach_routers(copy.deepcopy(base), dlo.RoutingConfig(layers=[1], capacity=0.5, label="self",
+                                                                          router_loss_weight=0.0)).train()
+    gate_only(ids, labels=ids).loss.backward()
+    router = dlo.routed_layers(gate_only)[0].router
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
     model = dlo.attach_routers(copy.deepcopy(base), dlo.RoutingConfig(layers=[1], capacity=0.5, label="self"))
     model.train()
-    ids = torch.randint(3, base.config.vocab_size, (2, 10))
-    router = dlo.routed_layers(model)[0].router
-
     out = model(ids, labels=ids)
-    out.task_loss.backward(retain_graph=True)  # task loss only: reaches the router through the gate
-    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
-    model.zero_grad()
-
-    out.router_loss.backward()  # router loss only
-    assert router.weight.grad.abs().sum() > 0
     weight = model.dlo_routing_config.router_loss_weight
     torch.testing.assert_close(out.loss, out.task_loss + weight * out.router_loss)
+    out.router_loss.backward()  # the router loss alone
+    assert dlo.routed_layers(model)[0].router.weight.grad.abs().sum() > 0
+
+
+def test_router_loss_trains_with_a_loss_computed_from_the_decoder_alone(base):
+    """A loss the model does not compute itself (a custom or fused head over the decoder's hidden states)
+    trains the routers exactly as the model's own loss does."""
+    config = dlo.RoutingConfig(layers=[1, 2], capacity=0.5, label="cos")
+    own = dlo.attach_routers(copy.deepcopy(base), config).train()
+    _randomise_routers(own)
+    outside = copy.deepcopy(own)
+    ids = torch.randint(3, base.config.vocab_size, (2, 10))
+    own(ids, labels=ids).loss.backward()
+    hidden = outside.model(ids).last_hidden_state  # the decoder on its own, as TRL's fused LM head calls it
+    logits = outside.lm_head(hidden)
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    for (name, a), b in zip(own.named_parameters(), outside.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("label", ["self", "cos", "cos-global"])
