@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call, for an environment that already has a CUDA torch and dlo installed:
-# the gpu-marked tests (Triton kernels vs torch twins, fp32/bf16/fp16), then the benchmarks at GPU sizes.
+# the gpu-marked tests (compiled Triton kernels vs torch twins, fp32/bf16/fp16, and a routed model's forward and
+# backward with DLO_KERNELS=triton against the torch path), then the benchmarks at GPU sizes.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      # default runs/gpu; logs and JSON land there
 #
@@ -10,6 +11,7 @@ OUT=${1:-runs/gpu}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # compiled kernels only: the interpreter would test nothing GPU-side
 status=0
 
 stage() {  # stage NAME CMD...: run CMD, log to OUT/NAME.log, remember the first failure

@@ -5,12 +5,10 @@ a second import under the folder name would register them twice (and fail loudly
 """
 
 from . import reference
-from .combine import ScatterCombineFunction, scatter_combine_backward, scatter_combine_forward
-from .gather import GatherRowsFunction, gather_rows_backward, gather_rows_forward
+from .combine import scatter_combine_backward, scatter_combine_forward
+from .gather import gather_rows_backward, gather_rows_forward
 
 __all__ = [
-    "GatherRowsFunction",
-    "ScatterCombineFunction",
     "gather_rows_backward",
     "gather_rows_forward",
     "reference",

@@ -91,19 +91,6 @@ def scatter_combine_backward(dy, h, f, gate, index, block_rows=None, block_cols=
     return dh, df, dgate
 
 
-class ScatterCombineFunction(torch.autograd.Function):
-    """Differentiable Triton combine for direct use; dlo routes through the registered op below."""
-
-    @staticmethod
-    def forward(ctx, h, f, gate, index):
-        ctx.save_for_backward(h, f, gate, index)
-        return scatter_combine_forward(h, f, gate, index)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return *scatter_combine_backward(dy, *ctx.saved_tensors), None
-
-
 # Registered ops (see gather.py): ``backend`` is "triton" or "torch", fixed by the caller.
 @torch.library.custom_op("dlo::scatter_combine", mutates_args=())
 def scatter_combine(h: torch.Tensor, f: torch.Tensor, gate: torch.Tensor, index: torch.Tensor,

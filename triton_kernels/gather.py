@@ -67,21 +67,6 @@ def gather_rows_backward(grad: torch.Tensor, index: torch.Tensor, num_rows: int,
     return dx
 
 
-class GatherRowsFunction(torch.autograd.Function):
-    """Differentiable Triton gather for direct use; dlo routes through the registered op below."""
-
-    @staticmethod
-    def forward(ctx, x, index):
-        ctx.save_for_backward(index)
-        ctx.num_rows = x.shape[0]
-        return gather_rows_forward(x, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return gather_rows_backward(grad, index, ctx.num_rows), None
-
-
 # Registered ops: opaque to torch.compile, with shapes from the fake impls. ``backend`` is
 # "triton" or "torch", resolved by the caller (dlo.ops) so the choice is a trace-time constant.
 @torch.library.custom_op("dlo::gather_rows", mutates_args=())
