@@ -54,8 +54,9 @@ class RoutingConfig:
     )
     similarity_every: int = field(
         default=1,
-        metadata={"help": "Recompute similarity labels (a dense no-grad pass of each routed layer) every N "
-                  "training forwards (micro-batches); the others use 'self' labels. Ignored for label='self'.",
+        metadata={"help": "Recompute similarity labels (a dense no-grad pass of each routed layer) on every "
+                  "N-th optimizer step (all its micro-batches); the other steps use 'self' labels. Ignored for "
+                  "label='self'.",
                   "check": Number(low=1, integer=True)},
     )
     anneal_steps: int = field(

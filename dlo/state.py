@@ -1,4 +1,4 @@
-"""The one owner of routing state that changes during training (docs/DESIGN.md §4).
+"""The one owner of routing state that changes during training (docs/DESIGN.md §10).
 
 What changes while a routed model trains: the routing step (which drives capacity annealing and the
 similarity refresh period), each layer's tracked score quantiles (the inference thresholds) and, with
