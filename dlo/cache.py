@@ -2,7 +2,8 @@
 
 A block-routed layer runs only the tokens its router selects, so it must keep keys/values of
 those tokens only: per layer and per row the stored lengths differ. ``RoutedCache`` is a
-``DynamicCache`` whose block-routed layers are ``RoutedLayer``s; the other layers are stock.
+``DynamicCache`` whose block-routed layers are ``RoutedLayer``s (``RoutedSlidingLayer``s where the
+layer attends a sliding window); the other layers are stock.
 
 A ``RoutedLayer`` keeps, per row, the tokens it ran packed to the left and padded to the longest
 row: keys/values (B, H, L, D), ``valid`` (B, L) (slot holds a token) and ``slots`` (B, L) (the
@@ -13,6 +14,13 @@ and the model's masks derive from it; ``lengths`` (B,) is what the layer stored.
 Protocol with the routed layer, per forward: ``skip(B, T)`` when no token of the chunk runs;
 else ``reserve(idx, active, T)`` books places for the selected tokens before attention runs (so
 the mask can cover them), and attention's ``update(k, v)`` writes their keys/values there.
+
+Sliding-window layers: a query at sequence index p attends the keys at indices (p - window, p]; the
+window counts sequence indices (padding included, as the model's mask does), not stored tokens.
+``RoutedSlidingLayer`` reports the stock sliding layer's mask sizes, so the model's sliding mask
+has the same columns whichever sliding layer it is sized from. Before booking a chunk it drops,
+per row, the stored tokens that no query of this chunk or a later one can attend, so a row holds
+at most window - 1 tokens plus those of the last chunk, like the stock sliding cache.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 
 class RoutedLayer(DynamicLayer):
@@ -147,6 +155,51 @@ def _write(store: torch.Tensor, new: torch.Tensor, places: torch.Tensor, length:
     return grown[:, :, :length]
 
 
+class RoutedSlidingLayer(RoutedLayer):
+    """Cache of one block-routed sliding-window layer: per row, the tokens it ran that are still in the window."""
+
+    is_sliding = True
+
+    def __init__(self, sliding_window: int, **kwargs):
+        super().__init__(**kwargs)
+        self.sliding_window = sliding_window
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # As the stock sliding layer: the mask's columns are the sequence indices from the first one any query
+        # of the chunk can attend to the chunk's last token.
+        first = max(self.seen - self.sliding_window + 1, 0)
+        return self.seen + query_length - first, first
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def reserve(self, idx: torch.Tensor, active: torch.Tensor, seq_len: int) -> int:
+        self._drop_before(self.seen - self.sliding_window + 1)
+        return super().reserve(idx, active, seq_len)
+
+    def _drop_before(self, first: int):
+        """Drop, per row, the stored tokens at sequence indices below ``first`` (they lead each row)."""
+        if self.lengths is None or first <= 0:
+            return
+        drop = ((self.slots < first) & self.valid).sum(1)  # (B,)
+        kept = self.lengths - drop
+        most, longest = torch.stack([drop.max(), kept.max()]).tolist()  # one host sync
+        if most == 0:
+            return
+        columns = (torch.arange(longest, device=drop.device) + drop.unsqueeze(1)).clamp(max=self.slots.shape[1] - 1)
+        self.slots = self.slots.gather(1, columns)
+        self.valid = torch.arange(longest, device=drop.device) < kept.unsqueeze(1)
+        self.lengths = kept
+        if self.is_initialized:
+            self.keys, self.values = _gather_columns(self.keys, columns), _gather_columns(self.values, columns)
+
+
+def _gather_columns(store: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """store (B, H, L, D), columns (B, L') -> (B, H, L', D): per row, the stored tokens at ``columns``."""
+    B, H, _, D = store.shape
+    return store.gather(2, columns[:, None, :, None].expand(B, H, columns.shape[1], D))
+
+
 class RoutedCache(DynamicCache):
     """``DynamicCache`` in which the given block-routed layers keep only the tokens they ran."""
 
@@ -165,12 +218,16 @@ class RoutedCache(DynamicCache):
 
     def _route_layers(self, routed_layers: Iterable[int]):
         for i in routed_layers:
-            if type(self.layers[i]) is not DynamicLayer:
+            stock = self.layers[i]
+            if type(stock) is DynamicLayer:
+                self.layers[i] = RoutedLayer()
+            elif type(stock) is DynamicSlidingWindowLayer:
+                self.layers[i] = RoutedSlidingLayer(stock.sliding_window)
+            else:
                 raise NotImplementedError(
-                    f"layer {i} uses a {type(self.layers[i]).__name__} cache (e.g. sliding-window attention); "
-                    "block routing supports full-attention layers only"
+                    f"layer {i} uses a {type(stock).__name__} cache; block routing supports full-attention "
+                    "(DynamicLayer) and sliding-window (DynamicSlidingWindowLayer) layers"
                 )
-            self.layers[i] = RoutedLayer()
 
     def stored_lengths(self, layer_idx: int) -> torch.Tensor | None:
         """(B,) tokens each row stored at ``layer_idx`` (None before the first forward)."""

@@ -14,8 +14,9 @@ zero ``self_attn.o_proj`` and ``mlp.down_proj`` so the block adds nothing to the
 an exact identity); ``merge-linear`` (mean of the layer and the base layer before it); ``slerp``
 (per-tensor spherical interpolation at t=0.5 between the base layer before it and the layer).
 
-``expand_model`` applies a plan to a Llama/Mistral/Qwen2 ``*ForCausalLM`` in memory; ``dlo expand``
-(dlo/expansion_io.py) applies it to a checkpoint on disk, streaming tensors layer by layer.
+``expand_model`` applies a plan to a ``*ForCausalLM`` of a supported family (dlo/families.py) in
+memory; ``dlo expand`` (dlo/expansion_io.py) applies it to a checkpoint on disk, streaming tensors
+layer by layer.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import torch
 import yaml
 
 from dlo.errors import UserError
+from dlo.families import check_causal_lm
 
 STRATEGIES = ("llama-pro", "dus", "idus", "slices")
 INITS = ("copy", "zero", "merge-linear", "slerp")
 DEFAULT_INIT = {"llama-pro": "zero", "dus": "copy", "idus": "copy", "slices": "copy"}
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The projections that write into the residual stream: zeroing them makes a block an identity.
 RESIDUAL_WRITERS = ("self_attn.o_proj.", "mlp.down_proj.")
 # Above this |cos| between two tensors slerp is numerically a lerp (and sin(omega) ~ 0 would blow up).
@@ -421,14 +422,7 @@ def init_layer_tensors(init: str, layer: dict[str, torch.Tensor],
 
 def check_architecture(config, class_name: str | None = None):
     """Raise unless ``config`` (and the model class, when given) is a supported causal decoder."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported architecture model_type={model_type!r}; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    names = [class_name] if class_name else list(getattr(config, "architectures", None) or [])
-    if names and not any(name.endswith("ForCausalLM") for name in names):
-        raise ValueError(f"{names[0]} is not a causal LM (*ForCausalLM): expansion needs the full decoder with its "
-                         "LM head")
+    check_causal_lm(config, class_name)
     if getattr(config, "dlo_routing", None) is not None:
         raise ValueError("the model already has routers (config.dlo_routing); expand the base model, then route")
     if getattr(config, "dlo_expansion", None):
@@ -448,7 +442,7 @@ def expanded_config(config, plan: ExpansionPlan, num_base_layers: int):
 
 
 def expand_model(model, plan: ExpansionPlan):
-    """Apply ``plan`` to a Llama/Mistral/Qwen2 ``*ForCausalLM`` in place and return it.
+    """Apply ``plan`` to a ``*ForCausalLM`` of a supported family (dlo/families.py) in place and return it.
 
     First uses of a base layer keep their module; every duplicate is a deep copy (its own storage)
     initialised per the plan. Every attention ``layer_idx`` is renumbered (the KV cache is indexed

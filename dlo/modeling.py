@@ -24,6 +24,7 @@ from dlo.checkpoints import check_weights, read_config, resolve_model_dir
 from dlo.config import RoutingConfig
 from dlo.distributed import all_reduce_sum, world_size
 from dlo.errors import UserError
+from dlo.families import check_causal_lm
 from dlo.losses import router_loss
 from dlo.routing import (
     CACHE_KWARGS,
@@ -321,6 +322,7 @@ def attach_routers(model, config: RoutingConfig | None = None):
     layers = decoder_layers(model)
     if routed_layers(model) or isinstance(model, DloRoutedMixin):
         raise ValueError("model already has routers attached; attaching twice would nest them")
+    check_causal_lm(model.config, type(model).__name__)  # verified families only (dlo/families.py)
     if config.granularity == "block":
         impl = getattr(model.config, "_attn_implementation", None)
         if impl not in ATTENTION_FOR_BLOCK:

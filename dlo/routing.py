@@ -29,14 +29,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from dlo import ops
 from dlo.cache import RoutedLayer
+from dlo.families import check_routable
 
 # Score quantile levels tracked per layer; inference thresholds interpolate between them.
 NUM_QUANTILES = 101
 # Names under which transformers passes the KV cache to a decoder layer (5.x renamed it).
 CACHE_KWARGS = ("cache", "past_key_values")
-# Decoder layers whose structure dlo has verified for `mlp` routing: pre-norm attention then pre-norm MLP
-# (input_layernorm, self_attn, post_attention_layernorm, mlp), each added to the residual, nothing else.
-MLP_ROUTABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 FORCE_MODES = ("run", "skip")
 # Buffers a routed layer adds to the stock layer's tensors (kept fp32 whatever the model's dtype).
 ROUTING_BUFFERS = ("capacity", "score_quantiles")
@@ -116,8 +114,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         # recording and no-split rules keep working), but the stock __init__ would build fresh weights:
         # initialise only the module machinery, then adopt the stock layer's submodules and attributes.
         GradientCheckpointingLayer.__init__(self)
-        if granularity == "mlp":
-            check_mlp_routable(layer, layer_index)
+        check_routable(layer, layer_index, granularity)  # verified families only (dlo/families.py)
         plain = set(vars(nn.Module()))
         for name, value in vars(layer).items():
             if name not in plain:  # e.g. hidden_size, attention_type: the stock forward may read them
@@ -261,12 +258,16 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         # Eval rows list active tokens first, so idx is arange(T) only when all are in (or T == 1).
         in_order = K == T and (key_ok is None or T == 1)
         if layer_cache is not None:
-            # Queries attend the tokens this layer stored for their row, the chunk's selected ones included.
+            # Queries attend the tokens this layer stored for their row, the chunk's selected ones included. The
+            # model sized its mask for this chunk as the cache layer does before booking it (for a sliding window
+            # the columns start at the first index the chunk can see).
+            _, first_column = layer_cache.get_mask_sizes(T)
             offset = layer_cache.reserve(idx, active, T)
             if T == 1 and attention_mask is None and layer_cache.full:
                 mask = None  # one query, every stored key precedes it, no padding, no empty slot: nothing to hide
             else:
-                mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset)
+                mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset,
+                                             first_column)
         elif in_order and key_ok is None:
             mask = attention_mask
         else:
@@ -342,17 +343,6 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         return y
 
 
-def check_mlp_routable(layer: nn.Module, layer_index: int):
-    """Refuse ``mlp`` routing of a decoder layer whose attention/MLP split dlo has not verified."""
-    name = type(layer).__name__
-    if name not in MLP_ROUTABLE_LAYERS:
-        raise ValueError(
-            f"granularity='mlp' is not verified for layer {layer_index} ({name}): it needs a layer that is "
-            f"exactly pre-norm attention then pre-norm MLP, verified for {', '.join(MLP_ROUTABLE_LAYERS)}; "
-            "use granularity='block', which runs the stock layer's own forward"
-        )
-
-
 _ROUTED_LAYER_CLASSES: dict[type, type] = {}
 
 
@@ -382,14 +372,16 @@ def _gather_rotary(position_embeddings, idx):
     return cos.expand(B, -1, -1).gather(1, index), sin.expand(B, -1, -1).gather(1, index)
 
 
-def packed_attention_mask(full_mask, idx, key_slots, key_ok, offset: int = 0):
+def packed_attention_mask(full_mask, idx, key_slots, key_ok, offset: int = 0, first_column: int = 0):
     """Attention mask of packed queries over packed keys.
 
-    full_mask: the model's mask for the chunk, (B, h, T, offset + T) bool (True = attend) or additive
-    float, its columns indexed by sequence position; or None (plain causal attention).
+    full_mask: the model's mask for the chunk, (B, h, T, offset + T - first_column) bool (True = attend) or
+    additive float, column j for sequence position first_column + j (a sliding-window mask over a cache
+    starts at the window's first position); or None (plain causal attention: every key is in any window).
     idx: (B, Kq) chunk positions of the queries. key_slots: (B, Kk) sequence positions of the keys
-    (``idx`` itself without a cache). key_ok: (B, Kk) bool, False for keys never to attend (fillers,
-    padding, empty cache slots), or None (all fine). offset: tokens seen before this chunk.
+    (``idx`` itself without a cache; none that ``key_ok`` allows lies below ``first_column``). key_ok:
+    (B, Kk) bool, False for keys never to attend (fillers, padding, empty cache slots), or None (all
+    fine). offset: tokens seen before this chunk.
     Returns None when the packed batch is plainly causal (no cache, nothing masked), else a
     (B, h, Kq, Kk) mask of the same kind as ``full_mask`` (bool when ``full_mask`` is None).
     """
@@ -403,7 +395,8 @@ def packed_attention_mask(full_mask, idx, key_slots, key_ok, offset: int = 0):
         m = full_mask.expand(B, -1, -1, -1)
         heads = m.shape[1]
         rows = m.gather(2, idx[:, None, :, None].expand(B, heads, Kq, m.shape[-1]))  # (B, h, Kq, S)
-        sub = rows.gather(3, key_slots[:, None, None, :].expand(B, heads, Kq, Kk))  # (B, h, Kq, Kk)
+        columns = (key_slots - first_column).clamp(min=0)  # empty cache slots hold stale indices; key_ok hides them
+        sub = rows.gather(3, columns[:, None, None, :].expand(B, heads, Kq, Kk))  # (B, h, Kq, Kk)
         allowed = sub if sub.dtype == torch.bool else sub == 0
     if key_ok is not None:
         allowed = allowed & key_ok[:, None, None, :]
