@@ -109,11 +109,11 @@ def export_static(model, min_capacity: float | None = None, num_layers: int | No
     dropped = [i for i in range(len(layers)) if i not in kept]
     new_index = {old: new for new, old in enumerate(kept)}
 
-    config = copy.deepcopy(model.config)
-    for key in ("dlo_routing", "auto_map"):
-        if hasattr(config, key):
-            delattr(config, key)
     stock = stock_model_class(model)
+    # The stock config class (a model loaded through its checkpoint's own code has a dlo model type).
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in ("dlo_routing", "auto_map", "model_type")}
+    config = stock.config_class.from_dict(fields)
+    config._attn_implementation = model.config._attn_implementation
     config.architectures = [stock.__name__]
     config.num_hidden_layers = len(kept)
     if getattr(config, "layer_types", None) is not None:

@@ -10,7 +10,6 @@ loop therefore trains a routed model correctly.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -110,18 +109,16 @@ class DloRoutedMixin:
         return result
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """The stock checkpoint plus routing config and state, and the code that runs it (dlo/remote_code.py)."""
+        from dlo.remote_code import write_remote_code
+
         _sync_config(self)
         base = stock_model_class(self)
-        self.config.auto_map = {"AutoModelForCausalLM": f"modeling_dlo.{type(self).__name__}"}
         super().save_pretrained(save_directory, *args, **kwargs)
-        shim = (
-            '"""Loads a dlo routed model through AutoModelForCausalLM(trust_remote_code=True)."""\n\n'
-            f"from transformers import {base.__name__}\n\n"
-            "from dlo.modeling import routed_model_class\n\n"
-            f"{type(self).__name__} = routed_model_class({base.__name__})\n"
-        )
-        with open(os.path.join(save_directory, "modeling_dlo.py"), "w") as fh:
-            fh.write(shim)
+        if kwargs.get("is_main_process", True):
+            # Named from the stock class, not type(self): a sharding wrapper (FSDP2's FSDPDlo...) subclasses it.
+            write_remote_code(save_directory, routed_model_class(base).__name__, base.__name__,
+                              base.config_class.__name__, base.config_class.model_type)
 
 
 class DloBackboneMixin:
@@ -387,7 +384,10 @@ def load_model(path: str, capacity: float | list[float] | None = None, revision:
     base = getattr(transformers, base_name, None)
     if base is None:
         raise UserError(f"{path}: unknown base architecture {base_name!r} (transformers {transformers.__version__})")
-    model, loading = routed_model_class(base).from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    # The stock config class, not the checkpoint's own model type (which exists so plain loads ask for remote code).
+    config = base.config_class.from_dict({k: v for k, v in raw.items() if k not in ("model_type", "auto_map")})
+    model, loading = routed_model_class(base).from_pretrained(model_dir, config=config, output_loading_info=True,
+                                                              **kwargs)
     router_problems = [k for k in [*loading["missing_keys"], *loading["unexpected_keys"]]
                        if ".router." in k or k.endswith((".capacity", ".score_quantiles"))]
     if router_problems:

@@ -2,14 +2,20 @@
 
 Backend: Triton kernels on CUDA tensors, their torch twins on CPU (and for fp64, which the fp32
 kernels would round). ``DLO_KERNELS=auto|torch|triton`` forces either; ``triton`` on CPU tensors
-runs only under TRITON_INTERPRET=1 (tests), else it raises.
+runs only under TRITON_INTERPRET=1 (tests), else it raises. Where dlo is not installed (a routed
+checkpoint's own copy of this module, docs/DESIGN.md §11) only the torch twins run.
 """
 
 import os
 
 import torch
 
-import dlo_kernels  # noqa: F401  (registers torch.ops.dlo.*)
+try:
+    import dlo_kernels  # registers torch.ops.dlo.* (the Triton kernels and their torch twins)
+except ImportError:  # a routed checkpoint's own copy of this module, loaded where dlo is not installed
+    dlo_kernels = None
+    from .dlo_kernels_reference import gather_rows as twin_gather_rows
+    from .dlo_kernels_reference import scatter_combine as twin_scatter_combine
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -26,6 +32,8 @@ def kernel_backend(t: torch.Tensor) -> str:
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: (M, d), index: (N,) unique row ids -> (N, d) = x[index]. Differentiable w.r.t. x."""
+    if dlo_kernels is None:
+        return twin_gather_rows(x, index)
     return torch.ops.dlo.gather_rows(x, index, kernel_backend(x))
 
 
@@ -34,6 +42,8 @@ def scatter_combine(h: torch.Tensor, f: torch.Tensor, gate: torch.Tensor, index:
 
     Differentiable w.r.t. h, f and gate (dgate accumulated in fp32); y has h's dtype.
     """
+    if dlo_kernels is None:
+        return twin_scatter_combine(h, f, gate, index)
     return torch.ops.dlo.scatter_combine(h, f, gate, index, kernel_backend(h))
 
 

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from dlo import ops
 from dlo.cache import RoutedLayer
 from dlo.families import check_routable
+from dlo.ops import active_positions, flat_row_index, gather_rows, scatter_combine
 
 # Score quantile levels tracked per layer; inference thresholds interpolate between them.
 NUM_QUANTILES = 101
@@ -213,7 +213,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             if T == 1:  # a decode step: one token per row, nothing to pack
                 idx, active = torch.zeros(B, 1, dtype=torch.long, device=device), chosen
             else:
-                idx, active = ops.active_positions(chosen)
+                idx, active = active_positions(chosen)
             if idx.shape[1] == 1 and not bool(active.any()):  # nobody runs: the layer's weights are not touched
                 return None, capacity
         gate = (1.0 + self.beta * (torch.sigmoid(logits.gather(1, idx)) - 0.5)) * active  # (B, K)
@@ -276,12 +276,12 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
             y = h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
         else:
-            flat = ops.flat_row_index(idx, T)  # (B*K,)
-            h_packed = ops.gather_rows(h.reshape(B * T, d), flat).view(B, K, d)
+            flat = flat_row_index(idx, T)  # (B*K,)
+            h_packed = gather_rows(h.reshape(B * T, d), flat).view(B, K, d)
             pos = _gather_positions(position_ids, idx, B, T)
             pe = _gather_rotary(position_embeddings, idx)
             f = self._stock(h_packed, mask, pos, pe, kwargs)  # (B, K, d)
-            y = ops.scatter_combine(h.reshape(B * T, d), f.reshape(B * K, d), gate.reshape(-1), flat)
+            y = scatter_combine(h.reshape(B * T, d), f.reshape(B * K, d), gate.reshape(-1), flat)
             y = y.view(B, T, d)
         self._record(routing, logits, idx, active, valid, capacity, similarity)
         return y
@@ -335,10 +335,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             gate_by_position = torch.zeros(B, T, dtype=gate.dtype, device=gate.device).scatter(1, idx, gate)
             y = x + gate_by_position.unsqueeze(-1).to(x.dtype) * self.mlp(self.post_attention_layernorm(x))
         else:
-            flat = ops.flat_row_index(idx, T)
-            x_packed = ops.gather_rows(x.reshape(B * T, d), flat)  # (B*K, d)
+            flat = flat_row_index(idx, T)
+            x_packed = gather_rows(x.reshape(B * T, d), flat)  # (B*K, d)
             f = self._mlp_update(x_packed)
-            y = ops.scatter_combine(x.reshape(B * T, d), f, gate.reshape(-1), flat).view(B, T, d)
+            y = scatter_combine(x.reshape(B * T, d), f, gate.reshape(-1), flat).view(B, T, d)
         self._record(routing, logits, idx, active, valid, capacity, similarity)
         return y
 
