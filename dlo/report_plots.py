@@ -13,6 +13,9 @@ from matplotlib.figure import Figure
 from dlo.flops import flop_unit
 
 DENSE, ROUTED, TARGET = "#9aa5b1", "#1f6fb2", "#d1495b"
+TOKEN_LABEL_CHARS = 12  # longer token texts are cut, so one label cannot crowd the panel below
+TOKEN_LABEL_INCHES = 0.13  # per token: room for a 6-point label
+MAX_HEATMAP_INCHES = 60.0  # beyond this, every k-th token is labelled
 
 
 def _save(fig: Figure, path: str):
@@ -63,9 +66,28 @@ def plot_flops(report: dict, path: str):
     _save(fig, path)
 
 
-def plot_heatmap(examples: list[dict], path: str, tokenizer=None):
+def token_labels(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text, decoded on its own, as a tick label: spaces shown as ␣, other invisible characters
+    escaped (\\n, \\t, ...), ``$`` escaped (matplotlib would start math mode), cut to TOKEN_LABEL_CHARS."""
+    labels = []
+    for token_id in ids:
+        text = tokenizer.decode([token_id])
+        text = "".join("␣" if c == " " else c if c.isprintable() else c.encode("unicode_escape").decode()
+                       for c in text)
+        if len(text) > TOKEN_LABEL_CHARS:
+            text = text[:TOKEN_LABEL_CHARS - 1] + "…"
+        labels.append(text.replace("$", r"\$") or "∅")
+    return labels
+
+
+def plot_heatmap(examples: list[dict], path: str, tokenizer=None) -> Figure:
+    """Run/skip per token and layer, one panel per example, the x axis labelled with the tokens' text when a
+    tokenizer is given. Returns the figure (its tick labels are what a reader sees)."""
     n = len(examples)
-    fig = Figure(figsize=(10, 1.2 + 1.6 * n))
+    longest = max(ex["run"].shape[1] for ex in examples)
+    # One tick label per token: the figure widens with the sequence so the labels do not overlap.
+    width = min(max(10.0, TOKEN_LABEL_INCHES * longest + 1.5), MAX_HEATMAP_INCHES)
+    fig = Figure(figsize=(width, 1.2 + (2.2 if tokenizer is not None else 1.6) * n))
     axes = fig.subplots(n, 1, squeeze=False)[:, 0]
     cmap = ListedColormap(["#f3f4f6", ROUTED])
     for k, (ax, ex) in enumerate(zip(axes, examples)):
@@ -75,13 +97,15 @@ def plot_heatmap(examples: list[dict], path: str, tokenizer=None):
         if run.shape[0] <= 40:
             ax.set_yticks(range(run.shape[0]))
         ax.set_title(f"example {k}: run (blue) / skip (light) per token and layer", fontsize=9)
-        T = run.shape[1]
-        if tokenizer is not None and T <= 48:
-            ax.set_xticks(range(T))
-            ax.set_xticklabels(tokenizer.convert_ids_to_tokens(ex["input_ids"]), rotation=90, fontsize=6)
+        if tokenizer is not None:
+            every = math.ceil(run.shape[1] * TOKEN_LABEL_INCHES / (MAX_HEATMAP_INCHES - 1.5))
+            positions = list(range(0, run.shape[1], every))
+            labels = token_labels(tokenizer, [ex["input_ids"][i] for i in positions])
+            ax.set_xticks(positions, labels, rotation=90, fontsize=6)
         else:
             ax.set_xlabel("token position")
     _save(fig, path)
+    return fig
 
 
 def plot_scores(report: dict, scores: dict, path: str):

@@ -33,6 +33,7 @@ import dlo
 from dlo.checkpoints import check_weights, read_config, resolve_model_dir
 from dlo.data import DataCounts, SFTCollator, build_sft_dataset
 from dlo.errors import EXIT_USER_ERROR, USER_ERRORS, UserError, debug_enabled, run_entry_point
+from dlo.model_card import write_model_card
 from dlo.modeling import routed_layers
 from dlo.recipe_config import (
     RESUME_SAFE_KEYS,
@@ -324,6 +325,7 @@ def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts:
         tokenizer.save_pretrained(final_dir)
         with open(os.path.join(final_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
+        write_model_card(final_dir, base_model=cfg.model.path, extra={"training data": cfg.data.train_file})
         print_summary(summary)
 
 

@@ -11,6 +11,7 @@ from dlo.checkpoints import check_output_dir, resolve_model_dir
 from dlo.errors import UserError
 from dlo.expansion import DEFAULT_INIT, INITS, STRATEGIES, ExpansionPlan
 from dlo.expansion_io import expand_checkpoint, load_base_config
+from dlo.model_card import write_model_card
 
 # Which command-line options each strategy takes (argparse dest names).
 STRATEGY_OPTIONS = {"llama-pro": ("groups",), "dus": ("overlap",), "idus": ("overlap", "group_size"),
@@ -54,6 +55,7 @@ def run(args):
         plan = ExpansionPlan.build(strategy, config.num_hidden_layers, init=init, **params)
     print(plan.to_table())
     counts = expand_checkpoint(model_dir, plan, output, force=args.force)
+    write_model_card(output, base_model=model_dir)
     before, after = counts["before"], counts["after"]
     print(f"parameters: {before:,} -> {after:,} ({(after - before) / before:+.1%})")
     print(f"wrote {output} ({len(plan.layers)} layers; loads with AutoModelForCausalLM.from_pretrained, "

@@ -37,6 +37,7 @@ def run(args):
     from dlo.checkpoints import check_output_dir
     from dlo.evaluation import evaluate, load_batches, read_eval_records
     from dlo.export import export_static, save_export
+    from dlo.model_card import write_model_card
 
     # Cheap checks first: nothing is loaded for a call that must fail.
     check_minimums(args, num_layers=1, max_samples=1, batch_size=1, max_length=1)
@@ -85,6 +86,7 @@ def run(args):
     if tokenizer is None:
         print(f"note: {args.model} has no tokenizer; the export is saved without one")
     path = save_export(exported, output, tokenizer, record, force=args.force)
+    write_model_card(path)
     print(summary(record))
     print(f"wrote {path} (loads with AutoModelForCausalLM.from_pretrained, no custom code)")
 

