@@ -104,7 +104,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="saved routed model directory; default: a random tiny Llama")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=64, help="timed decode steps")
     p.add_argument("--repeats", type=int, default=5)

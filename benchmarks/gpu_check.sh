@@ -29,5 +29,5 @@ stage kernels "$PY" benchmarks/kernels.py --out "$OUT/kernels.json"
 stage layer "$PY" benchmarks/layer.py --capacities 1.0 0.5 0.25 --out "$OUT/layer.json"
 stage model "$PY" benchmarks/model.py --capacities 0.5 0.25 --out "$OUT/model.json"
 stage decode "$PY" benchmarks/decode.py --hidden 4096 --intermediate 11008 --heads 32 --kv-heads 8 \
-    --vocab 32000 --dtype bfloat16 --batch-sizes 1,8 --out "$OUT/decode.json"
+    --vocab 32000 --dtype bfloat16 --batch-sizes 1,8,32,64 --out "$OUT/decode.json"
 exit $status

@@ -15,12 +15,20 @@ Protocol with the routed layer, per forward: ``skip(B, T)`` when no token of the
 else ``reserve(idx, active, T)`` books places for the selected tokens before attention runs (so
 the mask can cover them), and attention's ``update(k, v)`` writes their keys/values there.
 
+Decode steps (one new token per row) take another path, at fixed shapes and with no host sync:
+``append_step(active)`` gives every row one new column, valid where the row runs the layer (the
+rows that skip run masked, their K/V land in an invalid column), and returns the key mask of the
+step's query. Such columns are trimmed in bulk (``compact``, one host sync) every
+``COMPACT_EVERY`` steps, and before a chunk of several tokens is booked.
+
 Sliding-window layers: a query at sequence index p attends the keys at indices (p - window, p]; the
 window counts sequence indices (padding included, as the model's mask does), not stored tokens.
 ``RoutedSlidingLayer`` reports the stock sliding layer's mask sizes, so the model's sliding mask
 has the same columns whichever sliding layer it is sized from. Before booking a chunk it drops,
 per row, the stored tokens that no query of this chunk or a later one can attend, so a row holds
 at most window - 1 tokens plus those of the last chunk, like the stock sliding cache.
+A decode step marks the tokens that left the window invalid instead (no sync); compaction drops
+them, so a row holds at most window - 1 + ``COMPACT_EVERY`` columns.
 """
 
 from __future__ import annotations
@@ -30,14 +38,21 @@ from collections.abc import Iterable
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+# Decode steps between two compactions of a routed layer's columns: a host sync per layer that often, and at
+# most this many invalid columns (those of rows that skipped) per row kept in between.
+COMPACT_EVERY = 64
+
 
 class RoutedLayer(DynamicLayer):
     """Cache of one block-routed layer: K/V of the tokens it ran, per row, padded to the longest row."""
 
     is_croppable = False  # rolling back would need the per-row history of what each step stored
 
-    def __init__(self, **kwargs):
+    def __init__(self, skip_idle_layers: bool | str = "auto", **kwargs):
         super().__init__(**kwargs)
+        # Whether a decode step reads on the host if any row runs the layer, to skip its weights when none does:
+        # True always, False never (no host sync, fixed shapes), "auto" where that read is no sync (CPU tensors).
+        self.skip_idle_layers = skip_idle_layers
         self._clear()
 
     def _clear(self):
@@ -46,6 +61,8 @@ class RoutedLayer(DynamicLayer):
         self.valid: torch.Tensor | None = None  # (B, L) bool: slot holds a token
         self.slots: torch.Tensor | None = None  # (B, L) long: sequence index of the stored token
         self._places: torch.Tensor | None = None  # (B, K) columns booked for the next update
+        self._step_pending = False  # append_step() booked one column per row for the next update
+        self.appended = 0  # decode columns appended since the last compaction
         self.full = True  # every row stores as many tokens: no slot is empty
 
     # ---- what the model reads -----------------------------------------------------------
@@ -72,6 +89,7 @@ class RoutedLayer(DynamicLayer):
         B, K = idx.shape
         offset = self.seen
         self._ensure_rows(B, idx.device)
+        self._before_booking()
         count = active.sum(1, keepdim=True)  # (B, 1)
         rank = torch.where(active, active.cumsum(1) - 1, count + (~active).cumsum(1) - 1)  # (B, K): actives first
         places = self.lengths.unsqueeze(1) + rank  # (B, K)
@@ -88,12 +106,71 @@ class RoutedLayer(DynamicLayer):
         self.seen += seq_len
         return offset
 
+    def checks_idle(self, device: torch.device) -> bool:
+        """Whether a decode step should read on the host if any row runs (see ``skip_idle_layers``)."""
+        if self.skip_idle_layers == "auto":
+            return device.type == "cpu"
+        return bool(self.skip_idle_layers)
+
+    def append_step(self, active: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
+        """Book one column per row for a decode step's token; returns the query's key mask (B, L) bool, or None.
+
+        active: (B, 1) bool, the rows that run the layer (None: every row). Every row gets the new column
+        (fixed shapes, no host sync); it is valid where the row runs. The mask lets each row attend its valid
+        columns and its own new one, so a row that skips still attends a finite key: its output is discarded.
+        None means nothing is to hide (every row runs and every column is valid).
+        """
+        self._ensure_rows(batch, device)
+        if self.appended >= COMPACT_EVERY:
+            self.compact()
+        kept = self._window_valid()
+        every_row = active is None
+        if active is None:
+            active = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        self.full = self.full and every_row and kept is self.valid
+        self.valid = torch.cat([kept, active], dim=1)
+        self.slots = torch.cat([self.slots, self.slots.new_full((batch, 1), self.seen)], dim=1)
+        self.lengths = self.valid.sum(1) if kept is not self.valid else self.lengths + active.squeeze(1)
+        self.seen += 1
+        self.appended += 1
+        self._step_pending = True
+        if self.full:
+            return None
+        return torch.cat([kept, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+
+    def _before_booking(self):
+        """Booking packs after each row's stored tokens: close the gaps decode steps left."""
+        if self.appended:
+            self.compact()
+
+    def _window_valid(self) -> torch.Tensor:
+        """(B, L) validity of the stored columns the next query may attend (all of them: no window)."""
+        return self.valid
+
+    def compact(self):
+        """Pack each row's valid columns to the left and trim to the longest row: one host sync."""
+        self.appended = 0
+        if self.lengths is None:
+            return
+        shortest, longest = torch.stack(torch.aminmax(self.lengths)).tolist()
+        self.full = shortest == longest
+        columns = torch.sort((~self.valid).to(torch.int8), dim=1, stable=True).indices[:, :longest]  # (B, longest)
+        self.slots = self.slots.gather(1, columns)
+        self.valid = self.valid.gather(1, columns)
+        if self.is_initialized:
+            self.keys, self.values = _gather_columns(self.keys, columns), _gather_columns(self.values, columns)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the booked tokens' K/V (B, H, K, D); return the layer's stored K/V (B, H, L, D)."""
-        if self._places is None:
-            raise RuntimeError("RoutedLayer.update without reserve(): block-routed layers book their tokens first")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self._step_pending:  # a decode step: every row's new column comes last
+            self._step_pending = False
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            return self.keys, self.values
+        if self._places is None:
+            raise RuntimeError("RoutedLayer.update without reserve(): block-routed layers book their tokens first")
         self.keys = _write(self.keys, key_states, self._places, self.valid.shape[1])
         self.values = _write(self.values, value_states, self._places, self.valid.shape[1])
         self._places = None
@@ -129,8 +206,8 @@ class RoutedLayer(DynamicLayer):
         if self.lengths is None:
             return
         rows = rows.to(self.lengths.device)
+        # Rows taken from a cache whose rows are all full are full; otherwise assume not (no host sync).
         self.lengths, self.valid, self.slots = self.lengths[rows], self.valid[rows], self.slots[rows]
-        self.full = bool(self.valid.all())
         if self.is_initialized:
             self.keys, self.values = self.keys[rows], self.values[rows]
 
@@ -164,6 +241,13 @@ class RoutedSlidingLayer(RoutedLayer):
         super().__init__(**kwargs)
         self.sliding_window = sliding_window
 
+    def _window_valid(self) -> torch.Tensor:
+        # The query at sequence index `seen` attends indices (seen - window, seen]: the older tokens leave.
+        first = self.seen - self.sliding_window + 1
+        if first <= 0:
+            return self.valid
+        return self.valid & (self.slots >= first)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # As the stock sliding layer: the mask's columns are the sequence indices from the first one any query
         # of the chunk can attend to the chunk's last token.
@@ -173,9 +257,9 @@ class RoutedSlidingLayer(RoutedLayer):
     def get_max_length(self) -> int:
         return self.sliding_window
 
-    def reserve(self, idx: torch.Tensor, active: torch.Tensor, seq_len: int) -> int:
+    def _before_booking(self):
+        super()._before_booking()
         self._drop_before(self.seen - self.sliding_window + 1)
-        return super().reserve(idx, active, seq_len)
 
     def _drop_before(self, first: int):
         """Drop, per row, the stored tokens at sequence indices below ``first`` (they lead each row)."""
@@ -203,9 +287,9 @@ def _gather_columns(store: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
 class RoutedCache(DynamicCache):
     """``DynamicCache`` in which the given block-routed layers keep only the tokens they ran."""
 
-    def __init__(self, config, routed_layers: Iterable[int]):
+    def __init__(self, config, routed_layers: Iterable[int], skip_idle_layers: bool | str = "auto"):
         super().__init__(config=config)
-        self._route_layers(routed_layers)
+        self._route_layers(routed_layers, skip_idle_layers)
 
     @classmethod
     def adopt(cls, cache: DynamicCache, routed_layers: Iterable[int]) -> RoutedCache:
@@ -216,18 +300,24 @@ class RoutedCache(DynamicCache):
         cache._route_layers(routed_layers)
         return cache
 
-    def _route_layers(self, routed_layers: Iterable[int]):
+    def _route_layers(self, routed_layers: Iterable[int], skip_idle_layers: bool | str = "auto"):
         for i in routed_layers:
             stock = self.layers[i]
             if type(stock) is DynamicLayer:
-                self.layers[i] = RoutedLayer()
+                self.layers[i] = RoutedLayer(skip_idle_layers=skip_idle_layers)
             elif type(stock) is DynamicSlidingWindowLayer:
-                self.layers[i] = RoutedSlidingLayer(stock.sliding_window)
+                self.layers[i] = RoutedSlidingLayer(stock.sliding_window, skip_idle_layers=skip_idle_layers)
             else:
                 raise NotImplementedError(
                     f"layer {i} uses a {type(stock).__name__} cache; block routing supports full-attention "
                     "(DynamicLayer) and sliding-window (DynamicSlidingWindowLayer) layers"
                 )
+
+    def compact(self):
+        """Trim every routed layer's columns left by decode steps (one host sync per routed layer)."""
+        for layer in self.layers:
+            if isinstance(layer, RoutedLayer):
+                layer.compact()
 
     def stored_lengths(self, layer_idx: int) -> torch.Tensor | None:
         """(B,) tokens each row stored at ``layer_idx`` (None before the first forward)."""

@@ -158,6 +158,14 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         """Inference score threshold (0-dim tensor) for the target capacity."""
         return threshold_from_quantiles(self.score_quantiles, self.capacity)
 
+    def _decode_threshold(self) -> torch.Tensor:
+        """``threshold()``, recomputed only when the quantiles or the capacity change (written, loaded or moved)."""
+        key = (self.score_quantiles._version, self.capacity._version, self.score_quantiles.data_ptr(),
+               self.capacity.data_ptr())
+        if getattr(self, "_decode_threshold_key", None) != key:
+            self._decode_threshold_key, self._decode_threshold_value = key, self.threshold()
+        return self._decode_threshold_value
+
     # ---- forward -------------------------------------------------------------------------
     def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None,
                 dlo_routing: RoutingInputs | None = None, **kwargs):
@@ -235,6 +243,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
     def _forward_block(self, h, attention_mask, position_ids, position_embeddings, routing, kwargs):
         B, T, d = h.shape
         layer_cache = self._layer_cache(kwargs)
+        if T == 1 and layer_cache is not None and not routing.training:
+            return self._decode_step(h, position_ids, position_embeddings, attention_mask, routing, kwargs, layer_cache)
         valid = routing.valid_tokens(B, T)
         logits = self.router(h).squeeze(-1).float()  # (B, T)
         decision, capacity = self._select(logits, valid, routing)
@@ -263,11 +273,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             # the columns start at the first index the chunk can see).
             _, first_column = layer_cache.get_mask_sizes(T)
             offset = layer_cache.reserve(idx, active, T)
-            if T == 1 and attention_mask is None and layer_cache.full:
-                mask = None  # one query, every stored key precedes it, no padding, no empty slot: nothing to hide
-            else:
-                mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset,
-                                             first_column)
+            mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset,
+                                         first_column)
         elif in_order and key_ok is None:
             mask = attention_mask
         else:
@@ -284,6 +291,40 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             y = scatter_combine(h.reshape(B * T, d), f.reshape(B * K, d), gate.reshape(-1), flat)
             y = y.view(B, T, d)
         self._record(routing, logits, idx, active, valid, capacity, similarity)
+        return y
+
+    def _decode_step(self, h, position_ids, position_embeddings, attention_mask, routing, kwargs, layer_cache):
+        """One new token per row over a routed cache: fixed shapes, no host sync (docs/GENERATION.md).
+
+        Every row runs the layer; a row that skips is masked (gate 0, its K/V kept in an invalid cache column), so
+        the step's shapes do not depend on the decisions. A step that no row runs skips the layer's weights only
+        where the cache reads that on the host (``RoutedLayer.checks_idle``).
+        """
+        B = h.shape[0]
+        valid = routing.valid_tokens(B, 1)  # (B, 1) or None
+        logits = self.router(h).squeeze(-1).float()  # (B, 1)
+        capacity = self.capacity.to(torch.float64)
+        force = routing.force.get(self.layer_index)
+        if force == "run":  # exactly the stock layer on every valid row
+            active, gate = valid, None if valid is None else valid.to(logits.dtype)
+        else:
+            score = torch.sigmoid(logits)
+            active = score >= self._decode_threshold()  # (B, 1)
+            if valid is not None:
+                active &= valid
+            gate = (1.0 + self.beta * (score - 0.5)) * active
+        if force == "skip" or (force is None and layer_cache.checks_idle(h.device) and not bool(active.any())):
+            layer_cache.skip(B, 1, h.device)
+            self._record(routing, logits, None, None, valid, capacity, None)
+            return h
+        key_ok = layer_cache.append_step(active, B, h.device)  # (B, L) or None: nothing to hide
+        mask = None if key_ok is None else step_attention_mask(key_ok, attention_mask)
+        f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
+        y = f if gate is None else h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
+        if routing.collect:
+            ran = torch.ones(B, 1, dtype=torch.bool, device=h.device) if active is None else active
+            self._record(routing, logits, torch.zeros(B, 1, dtype=torch.long, device=h.device), ran, valid, capacity,
+                         None)
         return y
 
     def _layer_cache(self, kwargs) -> RoutedLayer | None:
@@ -406,3 +447,14 @@ def packed_attention_mask(full_mask, idx, key_slots, key_ok, offset: int = 0, fi
     if full_mask is None or full_mask.dtype == torch.bool:
         return allowed
     return torch.where(allowed, 0.0, torch.finfo(full_mask.dtype).min).to(full_mask.dtype)
+
+def step_attention_mask(key_ok: torch.Tensor, model_mask: torch.Tensor | None) -> torch.Tensor:
+    """key_ok (B, L) bool -> the (B, 1, 1, L) mask of a decode step's single query over its layer's cache columns.
+
+    The cache already leaves out padding, later tokens and (sliding layers) tokens out of the window, so key_ok is
+    the whole mask; it takes the kind of the model's mask (bool, or additive float), bool when the model passes none.
+    """
+    allowed = key_ok[:, None, None, :]
+    if model_mask is None or model_mask.dtype == torch.bool:
+        return allowed
+    return torch.where(allowed, 0.0, torch.finfo(model_mask.dtype).min).to(model_mask.dtype)
