@@ -10,6 +10,7 @@ from dlo.validation import Boolean, Choice, ListOf, Number, ScalarOrList, check_
 
 GRANULARITIES = ("block", "mlp")
 LABELS = ("self", "cos", "cos-global")
+SIMILARITY_SOURCES = ("packed", "dense")
 LAYER_CHOICES = ("new", "all")
 SCHEDULES = ("linear", "cosine")
 CAPACITY = Number(low=0, high=1, low_open=True)
@@ -58,6 +59,14 @@ class RoutingConfig:
                   "N-th optimizer step (all its micro-batches); the other steps use 'self' labels. Ignored for "
                   "label='self'.",
                   "check": Number(low=1, integer=True)},
+    )
+    similarity_source: str = field(
+        default="packed",
+        metadata={"help": "Where similarity labels come from: 'packed' (a running token's similarity from its own "
+                  "packed computation, skipped tokens' from a small no-grad sample run inside the packed batch; "
+                  "cost follows the tokens that run) or 'dense' (every routed layer recomputed on every token "
+                  "without grad: the reference, nearly a dense forward). Ignored for label='self'.",
+                  "check": Choice(SIMILARITY_SOURCES)},
     )
     anneal_steps: int = field(
         default=0,

@@ -38,6 +38,10 @@ CACHE_KWARGS = ("cache", "past_key_values")
 FORCE_MODES = ("run", "skip")
 # Buffers a routed layer adds to the stock layer's tensors (kept fp32 whatever the model's dtype).
 ROUTING_BUFFERS = ("capacity", "score_quantiles")
+# Packed similarity source (docs/DESIGN.md §2.4): per row, this share of the packed width K goes to a random
+# sample of skipped tokens that run for their similarity only. It costs E/K of the layer; the sample sets the
+# skipped tokens' part of the similarity distribution (the label cut and the cos-global capacity shares).
+EXPLORE_SHARE = 1 / 16
 
 
 @dataclass
@@ -48,10 +52,12 @@ class RouterRecord:
     selected: torch.Tensor  # (B, T) bool: token ran the layer
     valid: torch.Tensor  # (B, T) bool: not padding
     capacity: torch.Tensor  # () float64: capacity this forward selected with (annealed in training)
-    similarity: torch.Tensor | None = None  # (B, T) cos(h, F(h)) when computed, else None
+    similarity: torch.Tensor | None = None  # (B, T) cos(h, F(h)) when computed, else None; +inf: not measured
+    # (B, T) valid tokens each measured similarity stands for (1: ran or dense; a skipped sample: its row's
+    # skipped tokens over its samples; 0: not measured); None: every valid token measured (dense source)
+    similarity_weight: torch.Tensor | None = None
 
 
-@dataclass
 class RoutingInputs:
     """What the routed model hands every routed layer for one forward, and where the layers answer.
 
@@ -62,7 +68,8 @@ class RoutingInputs:
     token_mask: torch.Tensor | None = None  # (B, S) bool padding mask of the sequence so far, None: no padding
     capacity: torch.Tensor | None = None  # (L,) float64 capacity of each routed layer in this forward
     packed_width: tuple[int, ...] = ()  # training: K = ceil(c * T) per routed layer (static shapes)
-    similarity: bool = False  # training: compute cos(h, F(h)) for the similarity labels
+    similarity: str = ""  # training: similarity labels from "packed" or "dense" computation, "": none
+    similarity_seed: int = 0  # seeds the packed source's sample of skipped tokens (per forward)
     force: dict[int, str] = field(default_factory=dict)  # layer index -> "run" | "skip"
     collect: bool = True  # write records (training, or output_router_logits at inference)
     records: dict[int, RouterRecord] = field(default_factory=dict)  # layer index -> its decisions
@@ -227,7 +234,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         gate = (1.0 + self.beta * (torch.sigmoid(logits.gather(1, idx)) - 0.5)) * active  # (B, K)
         return (idx, active, gate), capacity
 
-    def _record(self, routing, logits, idx, active, valid, capacity, similarity):
+    def _record(self, routing, logits, idx, active, valid, capacity, similarity, similarity_weight=None):
         # A gradient-checkpointing recomputation runs this again with the same inputs: keep the first record.
         if not routing.collect or self.layer_index in routing.records:
             return
@@ -238,7 +245,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=logits.device)
         routing.records[self.layer_index] = RouterRecord(logits=logits, selected=selected, valid=valid,
-                                                         capacity=capacity, similarity=similarity)
+                                                         capacity=capacity, similarity=similarity,
+                                                         similarity_weight=similarity_weight)
 
     def _forward_block(self, h, attention_mask, position_ids, position_embeddings, routing, kwargs):
         B, T, d = h.shape
@@ -248,8 +256,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         valid = routing.valid_tokens(B, T)
         logits = self.router(h).squeeze(-1).float()  # (B, T)
         decision, capacity = self._select(logits, valid, routing)
-        similarity = None
-        if routing.training and routing.similarity:
+        similarity = weight = None
+        if routing.training and routing.similarity == "dense":
             with torch.no_grad():  # a side computation: it must not write the KV cache
                 no_cache = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
                 dense = self._stock(h, attention_mask, position_ids, position_embeddings, no_cache)
@@ -267,6 +275,12 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         key_ok = None if forced or (routing.training and valid is None) else active
         # Eval rows list active tokens first, so idx is arange(T) only when all are in (or T == 1).
         in_order = K == T and (key_ok is None or T == 1)
+        measure = routing.training and routing.similarity == "packed"
+        # A routed cache would book the explorers as stored tokens: sample only without one (a stock cache in
+        # training already holds packed K/V no decode may read).
+        explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index) \
+            if measure and not in_order and layer_cache is None else None
+        slots = idx if explore is None else torch.cat([idx, explore.idx], 1)  # (B, S): S = K + E
         if layer_cache is not None:
             # Queries attend the tokens this layer stored for their row, the chunk's selected ones included. The
             # model sized its mask for this chunk as the cache layer does before booking it (for a sliding window
@@ -275,6 +289,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             offset = layer_cache.reserve(idx, active, T)
             mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset,
                                          first_column)
+        elif explore is not None:
+            mask = exploration_mask(attention_mask, slots, key_ok, K)
         elif in_order and key_ok is None:
             mask = attention_mask
         else:
@@ -282,15 +298,17 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         if in_order:  # no gather needed
             f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
             y = h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
+            h_slots, f_slots = h, f
         else:
-            flat = flat_row_index(idx, T)  # (B*K,)
-            h_packed = gather_rows(h.reshape(B * T, d), flat).view(B, K, d)
-            pos = _gather_positions(position_ids, idx, B, T)
-            pe = _gather_rotary(position_embeddings, idx)
-            f = self._stock(h_packed, mask, pos, pe, kwargs)  # (B, K, d)
-            y = scatter_combine(h.reshape(B * T, d), f.reshape(B * K, d), gate.reshape(-1), flat)
-            y = y.view(B, T, d)
-        self._record(routing, logits, idx, active, valid, capacity, similarity)
+            S = slots.shape[1]
+            h_slots = gather_rows(h.reshape(B * T, d), flat_row_index(slots, T)).view(B, S, d)
+            pos = _gather_positions(position_ids, slots, B, T)
+            pe = _gather_rotary(position_embeddings, slots)
+            f_slots = self._stock(h_slots, mask, pos, pe, kwargs)  # (B, S, d)
+            y = combine_running(h, f_slots, gate, idx)
+        if measure:
+            similarity, weight = slot_similarity(h_slots, f_slots, slots, slot_weights(active, explore), T)
+        self._record(routing, logits, idx, active, valid, capacity, similarity, weight)
         return y
 
     def _decode_step(self, h, position_ids, position_embeddings, attention_mask, routing, kwargs, layer_cache):
@@ -363,8 +381,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         valid = routing.valid_tokens(B, T)
         logits = self.router(x).squeeze(-1).float()  # (B, T): the router sees what enters the MLP
         decision, capacity = self._select(logits, valid, routing)
-        similarity = None
-        if routing.training and routing.similarity:
+        similarity = weight = None
+        if routing.training and routing.similarity == "dense":
             with torch.no_grad():
                 similarity = torch.nn.functional.cosine_similarity(x.float(), self._mlp_update(x).float(), dim=-1)
         if decision is None:
@@ -372,16 +390,113 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             return x
         idx, active, gate = decision
         K = idx.shape[1]
+        measure = routing.training and routing.similarity == "packed"
+        explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index) \
+            if measure and K < T else None
         if K == T:  # every position is in the packed index (in some order): run the MLP in place
             gate_by_position = torch.zeros(B, T, dtype=gate.dtype, device=gate.device).scatter(1, idx, gate)
-            y = x + gate_by_position.unsqueeze(-1).to(x.dtype) * self.mlp(self.post_attention_layernorm(x))
+            update = self.mlp(self.post_attention_layernorm(x))
+            y = x + gate_by_position.unsqueeze(-1).to(x.dtype) * update
+            slots, x_slots, f_slots = idx, x, x + update  # training: idx is arange(T) here, slots in position order
         else:
-            flat = flat_row_index(idx, T)
-            x_packed = gather_rows(x.reshape(B * T, d), flat)  # (B*K, d)
-            f = self._mlp_update(x_packed)
-            y = scatter_combine(x.reshape(B * T, d), f, gate.reshape(-1), flat).view(B, T, d)
-        self._record(routing, logits, idx, active, valid, capacity, similarity)
+            slots = idx if explore is None else torch.cat([idx, explore.idx], 1)  # (B, S): S = K + E
+            S = slots.shape[1]
+            x_slots = gather_rows(x.reshape(B * T, d), flat_row_index(slots, T)).view(B, S, d)
+            f_slots = self._mlp_update(x_slots)  # (B, S, d): a token's MLP sees only itself
+            y = combine_running(x, f_slots, gate, idx)
+        if measure:
+            similarity, weight = slot_similarity(x_slots, f_slots, slots, slot_weights(active, explore), T)
+        self._record(routing, logits, idx, active, valid, capacity, similarity, weight)
         return y
+
+
+@dataclass
+class Exploration:
+    """Skipped tokens run in the packed batch for their similarity only: gate 0, no other token attends them."""
+
+    idx: torch.Tensor  # (B, E) positions of the sampled skipped tokens
+    ok: torch.Tensor  # (B, E) bool: a real sample (False: the row had fewer than E skipped tokens)
+    weight: torch.Tensor  # (B,) float: the row's skipped tokens each sample stands for
+
+
+@torch.compiler.disable
+def sample_skipped(idx: torch.Tensor, active: torch.Tensor, valid: torch.Tensor | None, seq_len: int, seed: int,
+                   layer_index: int) -> Exploration | None:
+    """Per row, E = ceil(K * EXPLORE_SHARE) valid skipped tokens drawn uniformly, or None when E is 0.
+
+    The generator is seeded per forward and layer, not drawn from torch's global stream: a gradient-checkpointing
+    recomputation draws the same sample, and the model's own randomness (dropout) is left untouched.
+    """
+    B, K = idx.shape
+    width = min(seq_len - K, math.ceil(K * EXPLORE_SHARE))
+    if width <= 0:
+        return None
+    device = idx.device
+    ran = torch.zeros(B, seq_len, dtype=torch.bool, device=device).scatter_(1, idx, active)
+    skipped = ~ran if valid is None else valid & ~ran
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + layer_index)
+    draw = torch.rand(B, seq_len, generator=generator, device=device).masked_fill(~skipped, -1.0)
+    top = draw.topk(width, dim=1)
+    ok = top.values >= 0
+    weight = skipped.sum(1) / ok.sum(1).clamp(min=1)
+    return Exploration(idx=top.indices, ok=ok, weight=weight.float())
+
+
+def exploration_mask(full_mask, slots: torch.Tensor, key_ok: torch.Tensor | None, packed: int):
+    """Attention mask of a packed batch [K running slots, E explorer slots] (slots (B, K + E) positions).
+
+    The running slots see exactly the keys ``packed_attention_mask(full_mask, idx, idx, key_ok)`` gives them;
+    an explorer sees those keys its position may see, and itself, as if it had been selected; no query sees
+    an explorer, so no running token's output (or gradient) depends on the sample.
+    """
+    B, S = slots.shape
+    every = torch.ones(B, S, dtype=torch.bool, device=slots.device)
+    causal = packed_attention_mask(full_mask, slots, slots, every)  # (B, h, S, S): the model's mask, no key hidden
+    allowed = causal if causal.dtype == torch.bool else causal == 0
+    running_key = every.clone()
+    running_key[:, packed:] = False
+    if key_ok is not None:
+        running_key[:, :packed] = key_ok
+    itself = torch.eye(S, dtype=torch.bool, device=slots.device)
+    itself[:packed] = False
+    allowed = allowed & (running_key[:, None, None, :] | itself)
+    allowed[..., 0] |= ~allowed.any(-1)  # as packed_attention_mask: a query seeing nothing reads key 0, gate 0
+    if causal.dtype == torch.bool:
+        return allowed
+    return torch.where(allowed, 0.0, torch.finfo(causal.dtype).min).to(causal.dtype)
+
+
+def combine_running(h: torch.Tensor, f_slots: torch.Tensor, gate: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """y (B, T, d) from the running slots, the first K of f_slots (B, S, d); explorer slots stay out of it."""
+    B, T, d = h.shape
+    K = idx.shape[1]
+    f = f_slots[:, :K].reshape(B * K, d)
+    return scatter_combine(h.reshape(B * T, d), f, gate.reshape(-1), flat_row_index(idx, T)).view(B, T, d)
+
+
+def slot_weights(active: torch.Tensor, explore: Exploration | None) -> torch.Tensor:
+    """(B, S) valid tokens each slot's similarity stands for: 1 per running token, 0 per inactive slot, a
+    sampled skipped token its row's skipped count over its samples."""
+    weights = active.float()
+    if explore is None:
+        return weights
+    return torch.cat([weights, explore.ok * explore.weight.unsqueeze(1)], 1)
+
+
+@torch.no_grad()
+def slot_similarity(h_slots: torch.Tensor, f_slots: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                    seq_len: int):
+    """(similarity, weight), each (B, T): cos(h, F(h)) of every slot with weight > 0, at its position.
+
+    Elsewhere similarity is +inf (not measured: above any cut, so labelled 'skip', as the router decided) and
+    weight 0. A position may fill two slots (an inactive running slot and a sample); the measured one wins.
+    """
+    cos = torch.nn.functional.cosine_similarity(h_slots.float(), f_slots.float(), dim=-1)  # (B, S)
+    cos = cos.masked_fill(weights == 0, float("inf"))
+    B = slots.shape[0]
+    similarity = cos.new_full((B, seq_len), float("inf")).scatter_reduce(1, slots, cos, "amin")
+    weight = weights.new_zeros((B, seq_len)).scatter_reduce(1, slots, weights, "amax")
+    return similarity, weight
 
 
 _ROUTED_LAYER_CLASSES: dict[type, type] = {}

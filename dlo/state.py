@@ -29,8 +29,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dlo.config import RoutingConfig
-from dlo.distributed import all_reduce_sum, gather_rows
-from dlo.losses import quantiles
+from dlo.distributed import all_reduce_sum, gather_rows, rank, world_size
+from dlo.losses import label_run_counts, quantiles
 from dlo.routing import NUM_QUANTILES, RoutingInputs, packed_width
 from dlo.schedules import anneal_fraction
 
@@ -87,7 +87,10 @@ class RoutingState(nn.Module):
             capacities = self.effective_capacities(step)
             routing.capacity = torch.tensor(capacities, dtype=torch.float64, device=device)
             routing.packed_width = tuple(packed_width(c, seq_len) for c in capacities)
-            routing.similarity = self.config.label != "self" and step % self.config.similarity_every == 0
+            if self.config.label != "self" and step % self.config.similarity_every == 0:
+                routing.similarity = self.config.similarity_source
+                # A fresh sample of skipped tokens every step, different on every rank.
+                routing.similarity_seed = step * world_size() + rank()
         return routing
 
     # ---- 2. what a training forward decided ----------------------------------------------
@@ -103,7 +106,7 @@ class RoutingState(nn.Module):
         """
         valid = records[0].valid  # every routed layer sees the same padding
         scores = torch.stack([torch.sigmoid(r.logits) for r in records])  # (L, B, T)
-        run_labels = torch.stack([(lab & r.valid).sum() for lab, r in zip(labels, records)]).double()
+        run_labels = label_run_counts(records, labels)
         n_valid = valid.sum().double()
         layer_sums = {
             "capacity": torch.stack([(r.selected & r.valid).sum() for r in records]).double(),
