@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 # Decode steps between two compactions of a routed layer's columns: a host sync per layer that often, and at
@@ -57,13 +58,17 @@ class RoutedLayer(DynamicLayer):
 
     def _clear(self):
         self.seen = 0  # tokens of the sequence seen so far, run or skipped
-        self.lengths: torch.Tensor | None = None  # (B,) tokens stored per row
         self.valid: torch.Tensor | None = None  # (B, L) bool: slot holds a token
         self.slots: torch.Tensor | None = None  # (B, L) long: sequence index of the stored token
         self._places: torch.Tensor | None = None  # (B, K) columns booked for the next update
         self._step_pending = False  # append_step() booked one column per row for the next update
         self.appended = 0  # decode columns appended since the last compaction
         self.full = True  # every row stores as many tokens: no slot is empty
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """(B,) tokens stored per row (None before the first forward); derived, so a decode step need not keep it."""
+        return None if self.valid is None else self.valid.sum(1)
 
     # ---- what the model reads -----------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -92,14 +97,14 @@ class RoutedLayer(DynamicLayer):
         self._before_booking()
         count = active.sum(1, keepdim=True)  # (B, 1)
         rank = torch.where(active, active.cumsum(1) - 1, count + (~active).cumsum(1) - 1)  # (B, K): actives first
+        lengths = self.lengths + count.squeeze(1)  # (B,) after booking
         places = self.lengths.unsqueeze(1) + rank  # (B, K)
         width = self.valid.shape[1] + K  # room for every booked column, fillers included
         self.valid = _pad_columns(self.valid, width, False).scatter(1, places, active)
         self.slots = _pad_columns(self.slots, width, 0).scatter(1, places, idx + offset)
-        self.lengths = self.lengths + count.squeeze(1)
         # One host sync (inference only): trim storage to the longest row, and note whether every row is
         # as long, i.e. every stored slot holds a token (a single query may then attend all unmasked).
-        shortest, longest = torch.stack(torch.aminmax(self.lengths)).tolist()
+        shortest, longest = torch.stack(torch.aminmax(lengths)).tolist()
         self.full = shortest == longest
         self.valid, self.slots = self.valid[:, :longest], self.slots[:, :longest]
         self._places = places
@@ -129,14 +134,13 @@ class RoutedLayer(DynamicLayer):
             active = torch.ones(batch, 1, dtype=torch.bool, device=device)
         self.full = self.full and every_row and kept is self.valid
         self.valid = torch.cat([kept, active], dim=1)
-        self.slots = torch.cat([self.slots, self.slots.new_full((batch, 1), self.seen)], dim=1)
-        self.lengths = self.valid.sum(1) if kept is not self.valid else self.lengths + active.squeeze(1)
+        self.slots = F.pad(self.slots, (0, 1), value=self.seen)
         self.seen += 1
         self.appended += 1
         self._step_pending = True
         if self.full:
             return None
-        return torch.cat([kept, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        return F.pad(kept, (0, 1), value=True)
 
     def _before_booking(self):
         """Booking packs after each row's stored tokens: close the gaps decode steps left."""
@@ -150,7 +154,7 @@ class RoutedLayer(DynamicLayer):
     def compact(self):
         """Pack each row's valid columns to the left and trim to the longest row: one host sync."""
         self.appended = 0
-        if self.lengths is None:
+        if self.valid is None:
             return
         shortest, longest = torch.stack(torch.aminmax(self.lengths)).tolist()
         self.full = shortest == longest
@@ -198,22 +202,21 @@ class RoutedLayer(DynamicLayer):
         self._select_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.lengths is not None:
-            rows = torch.arange(self.lengths.shape[0], device=self.lengths.device)  # (B,)
+        if self.valid is not None:
+            rows = torch.arange(self.valid.shape[0], device=self.valid.device)  # (B,)
             self._select_rows(rows.repeat_interleave(repeats))
 
     def _select_rows(self, rows: torch.Tensor):
-        if self.lengths is None:
+        if self.valid is None:
             return
-        rows = rows.to(self.lengths.device)
+        rows = rows.to(self.valid.device)
         # Rows taken from a cache whose rows are all full are full; otherwise assume not (no host sync).
-        self.lengths, self.valid, self.slots = self.lengths[rows], self.valid[rows], self.slots[rows]
+        self.valid, self.slots = self.valid[rows], self.slots[rows]
         if self.is_initialized:
             self.keys, self.values = self.keys[rows], self.values[rows]
 
     def _ensure_rows(self, batch: int, device):
-        if self.lengths is None:
-            self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        if self.valid is None:
             self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
             self.slots = torch.zeros(batch, 0, dtype=torch.long, device=device)
 
@@ -263,7 +266,7 @@ class RoutedSlidingLayer(RoutedLayer):
 
     def _drop_before(self, first: int):
         """Drop, per row, the stored tokens at sequence indices below ``first`` (they lead each row)."""
-        if self.lengths is None or first <= 0:
+        if self.valid is None or first <= 0:
             return
         drop = ((self.slots < first) & self.valid).sum(1)  # (B,)
         kept = self.lengths - drop
@@ -273,7 +276,6 @@ class RoutedSlidingLayer(RoutedLayer):
         columns = (torch.arange(longest, device=drop.device) + drop.unsqueeze(1)).clamp(max=self.slots.shape[1] - 1)
         self.slots = self.slots.gather(1, columns)
         self.valid = torch.arange(longest, device=drop.device) < kept.unsqueeze(1)
-        self.lengths = kept
         if self.is_initialized:
             self.keys, self.values = _gather_columns(self.keys, columns), _gather_columns(self.values, columns)
 
