@@ -23,8 +23,9 @@ from dlo.checkpoints import check_weights, read_config, resolve_model_dir
 from dlo.config import RoutingConfig
 from dlo.distributed import all_reduce_sum, world_size
 from dlo.errors import UserError
-from dlo.families import check_causal_lm
+from dlo.families import MODEL_TYPES, check_causal_lm
 from dlo.losses import router_loss
+from dlo.remote_code import register_config_types, write_remote_code
 from dlo.routing import (
     CACHE_KWARGS,
     FORCE_MODES,
@@ -36,6 +37,7 @@ from dlo.routing import (
 from dlo.state import RoutingState
 
 ATTENTION_FOR_BLOCK = ("sdpa", "eager")
+register_config_types(MODEL_TYPES)
 STATE_MODULE = "dlo_routing_state"
 
 
@@ -110,8 +112,6 @@ class DloRoutedMixin:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """The stock checkpoint plus routing config and state, and the code that runs it (dlo/remote_code.py)."""
-        from dlo.remote_code import write_remote_code
-
         _sync_config(self)
         base = stock_model_class(self)
         super().save_pretrained(save_directory, *args, **kwargs)

@@ -36,6 +36,20 @@ def model_type(base_type: str) -> str:
     return f"dlo_{base_type}"
 
 
+def register_config_types(base_types):
+    """Teach AutoConfig the routed model types of ``base_types`` in this process, so that AutoConfig and
+    AutoTokenizer read a routed checkpoint without asking to run its code. AutoModelForCausalLM still asks
+    (the routed model class is the checkpoint's code, or ``dlo.load_model``)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for base_type in base_types:
+        base = CONFIG_MAPPING[base_type]
+        routed = type(f"{base.__name__}Dlo", (base,), {"model_type": model_type(base_type),
+                                                       "__module__": __name__})
+        AutoConfig.register(routed.model_type, routed, exist_ok=True)
+
+
 def _relative(source: str) -> str:
     if re.search(r"^\s*(from dlo import|import dlo\b)", source, re.M):
         raise ValueError("a module a checkpoint carries must import dlo's modules as `from dlo.X import ...`")
