@@ -563,6 +563,7 @@ def packed_attention_mask(full_mask, idx, key_slots, key_ok, offset: int = 0, fi
         return allowed
     return torch.where(allowed, 0.0, torch.finfo(full_mask.dtype).min).to(full_mask.dtype)
 
+
 def step_attention_mask(key_ok: torch.Tensor, model_mask: torch.Tensor | None) -> torch.Tensor:
     """key_ok (B, L) bool -> the (B, 1, 1, L) mask of a decode step's single query over its layer's cache columns.
 
