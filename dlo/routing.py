@@ -293,6 +293,12 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             mask = exploration_mask(attention_mask, slots, key_ok, K)
         elif in_order and key_ok is None:
             mask = attention_mask
+        elif key_ok is not None and self._attends_causally(attention_mask, routing):
+            # Each row's running tokens first, then its fillers: plain causal attention is then exact for every
+            # running token (a filler only ever comes after them), so SDPA takes its causal kernel and no
+            # (B, heads, K, K) mask is built. The fillers' outputs are dropped by their zero gate.
+            idx, active, gate = running_first(idx, active, gate)
+            slots, mask = idx, None
         else:
             mask = packed_attention_mask(attention_mask, idx, idx, key_ok)
         if in_order:  # no gather needed
@@ -310,6 +316,18 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             similarity, weight = slot_similarity(h_slots, f_slots, slots, slot_weights(active, explore), T)
         self._record(routing, logits, idx, active, valid, capacity, similarity, weight)
         return y
+
+    def _attends_causally(self, attention_mask, routing) -> bool:
+        """True when the model's mask for this layer is causal plus padding and SDPA applies it by itself:
+        a full-attention layer (no sliding window anywhere in its config), SDPA, and a mask built from a 2-D
+        padding mask (or none at all), which excludes packed-sequence masks."""
+        attention = self.self_attn
+        config = getattr(attention, "config", None)
+        windowed = getattr(attention, "sliding_window", None) is not None or (
+            getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True))
+        return (getattr(self, "attention_type", "full_attention") == "full_attention" and not windowed
+                and getattr(config, "_attn_implementation", None) == "sdpa"
+                and (routing.token_mask is not None or attention_mask is None))
 
     def _decode_step(self, h, position_ids, position_embeddings, attention_mask, routing, kwargs, layer_cache):
         """One new token per row over a routed cache: fixed shapes, no host sync (docs/GENERATION.md).
@@ -510,6 +528,12 @@ def routed_layer_class(stock_class: type) -> type:
             {"__module__": __name__, "_dlo_stock_class": stock_class},
         )
     return _ROUTED_LAYER_CLASSES[stock_class]
+
+
+def running_first(idx: torch.Tensor, active: torch.Tensor, gate: torch.Tensor):
+    """Reorder each row's packed slots (B, K) so its running ones come first, each group in position order."""
+    order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices  # (B, K)
+    return idx.gather(1, order), active.gather(1, order), gate.gather(1, order)
 
 
 def _gather_positions(position_ids, idx, B, T):
