@@ -21,7 +21,7 @@ y = h + g * (F(h) - h), g = 1 + beta * (score - 1/2).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -62,21 +62,29 @@ class RoutingInputs:
     """What the routed model hands every routed layer for one forward, and where the layers answer.
 
     Built by the model's forward (``RoutingState.inputs``); a layer reads its entries by its routed index.
+    A plain class, not a dataclass: FSDP rebuilds the dataclasses and dicts it finds in a wrapped layer's
+    inputs (to hook the tensors that need grad, or to cast floats to the compute dtype), so a layer would
+    write its records into a copy the model never sees, and read its capacity rounded to bf16.
     """
 
-    training: bool
-    token_mask: torch.Tensor | None = None  # (B, S) bool padding mask of the sequence so far, None: no padding
-    capacity: torch.Tensor | None = None  # (L,) float64 capacity of each routed layer in this forward
-    packed_width: tuple[int, ...] = ()  # training: K = ceil(c * T) per routed layer (static shapes)
-    similarity: str = ""  # training: similarity labels from "packed" or "dense" computation, "": none
-    similarity_seed: int = 0  # seeds the packed source's sample of skipped tokens (per forward)
-    force: dict[int, str] = field(default_factory=dict)  # layer index -> "run" | "skip"
-    collect: bool = True  # write records (training, or output_router_logits at inference)
-    records: dict[int, RouterRecord] = field(default_factory=dict)  # layer index -> its decisions
-    # Set by the causal LM head when it knows them: how the task loss is normalised (see modeling.py).
-    label_tokens: torch.Tensor | None = None  # () tokens with a task label in this forward
-    num_items_in_batch: torch.Tensor | int | None = None  # label tokens of the whole optimizer step (HF Trainer)
-    router_loss: object | None = None  # the RouterLossOutput the decoder computed from the records
+    def __init__(self, training: bool, token_mask: torch.Tensor | None = None, capacity: torch.Tensor | None = None,
+                 packed_width: tuple[int, ...] = (), similarity: str = "", force: dict[int, str] | None = None,
+                 collect: bool = True, similarity_seed: int = 0, row_block: int = 0):
+        self.training = training
+        self.token_mask = token_mask  # (B, S) bool padding mask of the sequence so far, None: no padding
+        self.capacity = capacity  # (L,) float64 capacity of each routed layer in this forward
+        self.packed_width = packed_width  # training: K = ceil(c * T) per routed layer (static shapes)
+        self.similarity = similarity  # training: similarity labels from "packed" or "dense" computation, "": none
+        self.similarity_seed = similarity_seed  # seeds the packed source's sample of skipped tokens (per step)
+        # Where this forward's rows sit in the optimizer step's global batch: block b holds rows [b * B, (b + 1) * B).
+        self.row_block = row_block
+        self.force = {} if force is None else force  # layer index -> "run" | "skip"
+        self.collect = collect  # write records (training, or output_router_logits at inference)
+        self.records: dict[int, RouterRecord] = {}  # layer index -> its decisions
+        # Set by the causal LM head when it knows them: how the task loss is normalised (see modeling.py).
+        self.label_tokens: torch.Tensor | None = None  # () tokens with a task label in this forward
+        self.num_items_in_batch: torch.Tensor | int | None = None  # label tokens of the optimizer step (HF Trainer)
+        self.router_loss = None  # the RouterLossOutput the decoder computed from the records
 
     def valid_tokens(self, batch: int, seq_len: int) -> torch.Tensor | None:
         """(B, T) bool validity of the current chunk of tokens, or None when nothing is padded."""
@@ -278,7 +286,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         measure = routing.training and routing.similarity == "packed"
         # A routed cache would book the explorers as stored tokens: sample only without one (a stock cache in
         # training already holds packed K/V no decode may read).
-        explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index) \
+        explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index, routing.row_block) \
             if measure and not in_order and layer_cache is None else None
         slots = idx if explore is None else torch.cat([idx, explore.idx], 1)  # (B, S): S = K + E
         if layer_cache is not None:
@@ -409,7 +417,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         idx, active, gate = decision
         K = idx.shape[1]
         measure = routing.training and routing.similarity == "packed"
-        explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index) \
+        explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index, routing.row_block) \
             if measure and K < T else None
         if K == T:  # every position is in the packed index (in some order): run the MLP in place
             gate_by_position = torch.zeros(B, T, dtype=gate.dtype, device=gate.device).scatter(1, idx, gate)
@@ -439,25 +447,47 @@ class Exploration:
 
 @torch.compiler.disable
 def sample_skipped(idx: torch.Tensor, active: torch.Tensor, valid: torch.Tensor | None, seq_len: int, seed: int,
-                   layer_index: int) -> Exploration | None:
-    """Per row, E = ceil(K * EXPLORE_SHARE) valid skipped tokens drawn uniformly, or None when E is 0.
+                   layer_index: int, row_block: int = 0) -> Exploration | None:
+    """Per row, ceil(k * EXPLORE_SHARE) of its valid skipped tokens drawn uniformly (k: the tokens the row runs),
+    inside a static width E = ceil(K * EXPLORE_SHARE); None when the packed width leaves no token skipped.
 
-    The generator is seeded per forward and layer, not drawn from torch's global stream: a gradient-checkpointing
-    recomputation draws the same sample, and the model's own randomness (dropout) is left untouched.
+    A token's draw hashes (seed, layer, its row in the step's global batch, its position) instead of reading a
+    generator: a gradient-checkpointing recomputation draws the same sample, the model's own randomness (dropout)
+    is left untouched, and N ranks or accumulated micro-batches (of equal size) sample exactly what one process
+    with the step's whole batch samples, whatever width each batch is padded to.
     """
     B, K = idx.shape
-    width = min(seq_len - K, math.ceil(K * EXPLORE_SHARE))
+    width = min(seq_len - K, math.ceil(K * EXPLORE_SHARE))  # no row has more skipped tokens than T - K
     if width <= 0:
         return None
     device = idx.device
     ran = torch.zeros(B, seq_len, dtype=torch.bool, device=device).scatter_(1, idx, active)
     skipped = ~ran if valid is None else valid & ~ran
-    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + layer_index)
-    draw = torch.rand(B, seq_len, generator=generator, device=device).masked_fill(~skipped, -1.0)
-    top = draw.topk(width, dim=1)
-    ok = top.values >= 0
+    rows = torch.arange(B, device=device) + row_block * B
+    draw = token_uniform(seed * 1_000_003 + layer_index, rows, torch.arange(seq_len, device=device))
+    top = draw.masked_fill(~skipped, -1.0).topk(width, dim=1)
+    wanted = torch.ceil(active.sum(1) * EXPLORE_SHARE).long()  # the row's own share, not the padded width's
+    ok = (top.values >= 0) & (torch.arange(width, device=device) < wanted.unsqueeze(1))
     weight = skipped.sum(1) / ok.sum(1).clamp(min=1)
     return Exploration(idx=top.indices, ok=ok, weight=weight.float())
+
+
+_MASK31 = (1 << 31) - 1
+_MULTIPLIERS = (0x2C1B3C6D, 0x297A2D39)  # odd and below 2**31: a product of two 31-bit values fits in int64
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of 31-bit values (xor-shift-multiply rounds), elementwise."""
+    for multiplier in _MULTIPLIERS:
+        x = ((x ^ (x >> 15)) * multiplier) & _MASK31
+    return x ^ (x >> 15)
+
+
+def token_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(R, C) draws in [0, 1), each a function of (seed, row, column) alone: the same on any device and in any
+    batch shape (a generator's stream depends on the shape, and on CUDA on the launch)."""
+    keyed = _mix(rows.long() ^ _mix(torch.tensor(seed & _MASK31, device=rows.device)))
+    return _mix(keyed.unsqueeze(1) ^ cols.long().unsqueeze(0)).double() / (_MASK31 + 1)
 
 
 def exploration_mask(full_mask, slots: torch.Tensor, key_ok: torch.Tensor | None, packed: int):

@@ -89,8 +89,11 @@ class RoutingState(nn.Module):
             routing.packed_width = tuple(packed_width(c, seq_len) for c in capacities)
             if self.config.label != "self" and step % self.config.similarity_every == 0:
                 routing.similarity = self.config.similarity_source
-                # A fresh sample of skipped tokens every step, different on every rank.
-                routing.similarity_seed = step * world_size() + rank()
+                # A fresh sample of skipped tokens every step, drawn per token from its row's place in the step's
+                # global batch: micro-batch, then rank, then row, the order HF's and accelerate's samplers deal rows
+                # in. N ranks and gradient accumulation then sample as one process with the whole batch does.
+                routing.similarity_seed = step
+                routing.row_block = len(self._pending) * world_size() + rank()
         return routing
 
     # ---- 2. what a training forward decided ----------------------------------------------

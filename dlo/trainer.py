@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
-from dlo.distributed import all_reduce_sum
+from dlo.distributed import all_reduce_sum, any_rank
 from dlo.flops import routed_over_dense_ratio
 from dlo.modeling import routed_layers, routing_state
 
@@ -128,7 +128,9 @@ class GracefulStopCallback(TrainerCallback):
         self._previous = signal.signal(signal.SIGTERM, self._request_stop)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop_requested:
+        # The signal reaches each rank at its own moment; every rank must stop after the same step (they save
+        # the checkpoint together), so the ranks agree: one all-reduce of one number per optimizer step.
+        if any_rank(self.stop_requested, args.device):
             control.should_save = True
             control.should_training_stop = True
 

@@ -32,6 +32,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 import dlo
 from dlo.checkpoints import check_weights, read_config, resolve_model_dir
 from dlo.data import DataCounts, SFTCollator, build_sft_dataset
+from dlo.distributed import save_pretrained_gathered
 from dlo.errors import EXIT_USER_ERROR, USER_ERRORS, UserError, debug_enabled, run_entry_point
 from dlo.model_card import write_model_card
 from dlo.modeling import routed_layers
@@ -246,6 +247,42 @@ def data_line(path: str, counts: DataCounts, max_length: int) -> str:
     return line
 
 
+# Variables accelerate's launchers set for what the accelerate config asks, and the names messages use.
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+CPU_LAUNCH = "accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml recipes/sft.py ..."
+
+
+def check_launch(targs):
+    """Refuse a launch that accelerate would quietly run as something else (every rank checks, before loading).
+
+    accelerate enables FSDP and DeepSpeed on GPUs only (on the CPU it trains unsharded DDP copies); its simple
+    launcher starts one process for a multi-process config it cannot start itself (MULTI_CPU without mpirun);
+    ZeRO-3's partitioned loading leaves the layers empty when dlo expands them and sizes the routers.
+    """
+    asked = [name for var, name in SHARDED_LAUNCHES.items() if os.environ.get(var, "false").lower() == "true"]
+    if asked and targs.device.type == "cpu":
+        where = "training.use_cpu=true" if targs.use_cpu else "no GPU is visible"
+        raise UserError(f"the accelerate config asks for {asked[0]}, which accelerate sets up on GPUs only, and this "
+                        f"run is on the CPU ({where}): it would train unsharded copies instead. Run it on GPUs with "
+                        f"training.use_cpu=false, or two CPU processes with: {CPU_LAUNCH}")
+    plugin = getattr(targs, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero3_init_flag:
+        raise UserError("the DeepSpeed config sets zero3_init_flag: true: ZeRO-3 would partition the weights while "
+                        "they load, before dlo expands the layers and sizes the routers from them; set "
+                        "zero3_init_flag: false (recipes/accelerate/zero3.yaml): the weights are partitioned when "
+                        "training starts")
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    if launched_by_accelerate and "MASTER_ADDR" in os.environ and PartialState().num_processes == 1:
+        raise UserError(f"accelerate started one process for a config that asks for several (a MULTI_CPU config "
+                        f"expects mpirun to start them); two CPU processes: {CPU_LAUNCH}")
+
+
+def launch_line(trainer) -> str:
+    accelerator = trainer.accelerator
+    return (f"launch: {accelerator.num_processes} process(es), {accelerator.distributed_type.value} "
+            f"on {accelerator.device.type}")
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -253,6 +290,7 @@ def main(argv=None):
         resume, overrides = split_resume(args.overrides)
         cfg = load_recipe_config(args.config, overrides)
         targs = training_arguments(cfg)
+        check_launch(targs)
         checkpoint = check_output_dir(cfg, resume)
         set_seed(cfg.seed)
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tb"))
@@ -283,6 +321,8 @@ def main(argv=None):
                          data_collator=collator, processing_class=tokenizer)
     trainer.add_callback(CapacityImageCallback(os.environ["TENSORBOARD_LOGGING_DIR"],
                                                every=max(targs.logging_steps, 1) * 5))
+    if is_main:
+        print(launch_line(trainer))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     stopped = trainer.state.global_step < trainer.state.max_steps
     if stopped:
@@ -320,8 +360,8 @@ def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts:
         ]
     final_dir = os.path.join(cfg.output_dir, FINAL_DIR)
     summary["final_dir"] = final_dir
+    save_pretrained_gathered(model, final_dir)  # every rank: FSDP shards and ZeRO-3 partitions are gathered
     if is_main:
-        model.save_pretrained(final_dir)
         tokenizer.save_pretrained(final_dir)
         with open(os.path.join(final_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
