@@ -96,9 +96,15 @@ def test_loads_and_generates_without_dlo_exactly_as_under_dlo(saved, tmp_path):
     assert got["refused"] is not None and "trust_remote_code" in got["refused"]
 
 
-def test_plain_load_is_refused_and_remote_load_under_dlo_uses_dlos_classes(saved):
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        AutoModelForCausalLM.from_pretrained(saved)
+def test_plain_load_never_drops_the_routers_and_remote_load_under_dlo_uses_dlos_classes(saved):
+    # Refused, asking for trust_remote_code; or, once this process has loaded the checkpoint's code (transformers
+    # then keeps its classes registered), the routed model itself. Never the stock model without its routers.
+    try:
+        plain = AutoModelForCausalLM.from_pretrained(saved)
+    except ValueError as err:
+        assert "trust_remote_code" in str(err)
+    else:
+        assert isinstance(plain, dlo.modeling.DloRoutedMixin) and len(dlo.routed_layers(plain)) == 3
     model = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True)
     assert isinstance(model, dlo.modeling.DloRoutedMixin) and len(dlo.routed_layers(model)) == 3
     assert json.loads((saved / "config.json").read_text())["model_type"] == "dlo_llama"
