@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 import yaml
+from transformers import PretrainedConfig
 
 from dlo.errors import UserError
 from dlo.families import check_causal_lm
@@ -460,6 +461,11 @@ def expand_model(model, plan: ExpansionPlan):
         layer = layers[i]
         if is_new:
             layer = copy.deepcopy(layers[i])
+            # The deep copy also copied the config its modules read (attention implementation, layer types); a stock
+            # layer shares the model's, so a later change (set_attn_implementation, the layer map below) reaches it.
+            for module in layer.modules():
+                if isinstance(getattr(module, "config", None), PretrainedConfig):
+                    module.config = model.config
             if init != "copy":
                 previous = layers[i - 1].state_dict() if init in ("merge-linear", "slerp") else None
                 layer.load_state_dict(init_layer_tensors(init, layers[i].state_dict(), previous))

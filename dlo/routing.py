@@ -27,6 +27,16 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from dlo.attention import (
+    CAUSAL,
+    REFERENCE,
+    attention_path,
+    layer_window,
+    packed_attention_mask,
+    position_mask,
+    running_first,
+    step_attention_mask,
+)
 from dlo.cache import RoutedLayer
 from dlo.families import check_routable
 from dlo.ops import active_positions, flat_row_index, gather_rows, scatter_combine
@@ -289,26 +299,34 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index, routing.row_block) \
             if measure and not in_order and layer_cache is None else None
         slots = idx if explore is None else torch.cat([idx, explore.idx], 1)  # (B, S): S = K + E
+        path = self._attention_path(attention_mask, routing, T, layer_cache is not None)
+        window = layer_window(self.self_attn.config, self.layer_index)
+        additive = h.dtype if self.self_attn.config._attn_implementation == "eager" else None
         if layer_cache is not None:
             # Queries attend the tokens this layer stored for their row, the chunk's selected ones included. The
             # model sized its mask for this chunk as the cache layer does before booking it (for a sliding window
             # the columns start at the first index the chunk can see).
             _, first_column = layer_cache.get_mask_sizes(T)
             offset = layer_cache.reserve(idx, active, T)
-            mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset,
-                                         first_column)
+            if path == REFERENCE:
+                mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset,
+                                             first_column)
+            else:
+                mask = position_mask(idx + offset, layer_cache.slots, layer_cache.valid, window, attention_mask,
+                                     additive)
         elif explore is not None:
             mask = exploration_mask(attention_mask, slots, key_ok, K)
         elif in_order and key_ok is None:
             mask = attention_mask
-        elif key_ok is not None and self._attends_causally(attention_mask, routing):
-            # Each row's running tokens first, then its fillers: plain causal attention is then exact for every
-            # running token (a filler only ever comes after them), so SDPA takes its causal kernel and no
-            # (B, heads, K, K) mask is built. The fillers' outputs are dropped by their zero gate.
-            idx, active, gate = running_first(idx, active, gate)
+        elif path == CAUSAL:
+            # Running tokens first (dlo/attention.py): plain causal attention, no (B, heads, K, K) mask.
+            if key_ok is not None:
+                idx, active, gate = running_first(idx, active, gate)
             slots, mask = idx, None
-        else:
+        elif path == REFERENCE:
             mask = packed_attention_mask(attention_mask, idx, idx, key_ok)
+        else:
+            mask = position_mask(idx, idx, key_ok, window, attention_mask, additive)
         if in_order:  # no gather needed
             f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
             y = h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
@@ -325,17 +343,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         self._record(routing, logits, idx, active, valid, capacity, similarity, weight)
         return y
 
-    def _attends_causally(self, attention_mask, routing) -> bool:
-        """True when the model's mask for this layer is causal plus padding and SDPA applies it by itself:
-        a full-attention layer (no sliding window anywhere in its config), SDPA, and a mask built from a 2-D
-        padding mask (or none at all), which excludes packed-sequence masks."""
-        attention = self.self_attn
-        config = getattr(attention, "config", None)
-        windowed = getattr(attention, "sliding_window", None) is not None or (
-            getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True))
-        return (getattr(self, "attention_type", "full_attention") == "full_attention" and not windowed
-                and getattr(config, "_attn_implementation", None) == "sdpa"
-                and (routing.token_mask is not None or attention_mask is None))
+    def _attention_path(self, attention_mask, routing, seq_len: int, cached: bool) -> str:
+        """How this layer's packed batch attends (dlo/attention.py): causal, positions or reference."""
+        return attention_path(self.self_attn.config, self.layer_index, attention_mask, routing.token_mask, seq_len,
+                              cached)
 
     def _decode_step(self, h, position_ids, position_embeddings, attention_mask, routing, kwargs, layer_cache):
         """One new token per row over a routed cache: fixed shapes, no host sync (docs/GENERATION.md).
@@ -560,12 +571,6 @@ def routed_layer_class(stock_class: type) -> type:
     return _ROUTED_LAYER_CLASSES[stock_class]
 
 
-def running_first(idx: torch.Tensor, active: torch.Tensor, gate: torch.Tensor):
-    """Reorder each row's packed slots (B, K) so its running ones come first, each group in position order."""
-    order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices  # (B, K)
-    return idx.gather(1, order), active.gather(1, order), gate.gather(1, order)
-
-
 def _gather_positions(position_ids, idx, B, T):
     if position_ids is None:
         return idx
@@ -580,51 +585,3 @@ def _gather_rotary(position_embeddings, idx):
     B, K = idx.shape
     index = idx.unsqueeze(-1).expand(B, K, cos.shape[-1])
     return cos.expand(B, -1, -1).gather(1, index), sin.expand(B, -1, -1).gather(1, index)
-
-
-def packed_attention_mask(full_mask, idx, key_slots, key_ok, offset: int = 0, first_column: int = 0):
-    """Attention mask of packed queries over packed keys.
-
-    full_mask: the model's mask for the chunk, (B, h, T, offset + T - first_column) bool (True = attend) or
-    additive float, column j for sequence position first_column + j (a sliding-window mask over a cache
-    starts at the window's first position); or None (plain causal attention: every key is in any window).
-    idx: (B, Kq) chunk positions of the queries. key_slots: (B, Kk) sequence positions of the keys
-    (``idx`` itself without a cache; none that ``key_ok`` allows lies below ``first_column``). key_ok:
-    (B, Kk) bool, False for keys never to attend (fillers, padding, empty cache slots), or None (all
-    fine). offset: tokens seen before this chunk.
-    Returns None when the packed batch is plainly causal (no cache, nothing masked), else a
-    (B, h, Kq, Kk) mask of the same kind as ``full_mask`` (bool when ``full_mask`` is None).
-    """
-    if full_mask is None and key_ok is None:
-        return None
-    B, Kq = idx.shape
-    Kk = key_slots.shape[1]
-    if full_mask is None:
-        allowed = (key_slots.unsqueeze(1) <= (idx + offset).unsqueeze(2)).unsqueeze(1)  # (B, 1, Kq, Kk)
-    else:
-        m = full_mask.expand(B, -1, -1, -1)
-        heads = m.shape[1]
-        rows = m.gather(2, idx[:, None, :, None].expand(B, heads, Kq, m.shape[-1]))  # (B, h, Kq, S)
-        columns = (key_slots - first_column).clamp(min=0)  # empty cache slots hold stale indices; key_ok hides them
-        sub = rows.gather(3, columns[:, None, None, :].expand(B, heads, Kq, Kk))  # (B, h, Kq, Kk)
-        allowed = sub if sub.dtype == torch.bool else sub == 0
-    if key_ok is not None:
-        allowed = allowed & key_ok[:, None, None, :]
-    # A query that may attend nothing (padding, filler) gets NaN from some kernels; let it see key 0 (a
-    # finite vector: zeros or a filler's key). Its output is discarded by a zero gate.
-    allowed[..., 0] |= ~allowed.any(-1)
-    if full_mask is None or full_mask.dtype == torch.bool:
-        return allowed
-    return torch.where(allowed, 0.0, torch.finfo(full_mask.dtype).min).to(full_mask.dtype)
-
-
-def step_attention_mask(key_ok: torch.Tensor, model_mask: torch.Tensor | None) -> torch.Tensor:
-    """key_ok (B, L) bool -> the (B, 1, 1, L) mask of a decode step's single query over its layer's cache columns.
-
-    The cache already leaves out padding, later tokens and (sliding layers) tokens out of the window, so key_ok is
-    the whole mask; it takes the kind of the model's mask (bool, or additive float), bool when the model passes none.
-    """
-    allowed = key_ok[:, None, None, :]
-    if model_mask is None or model_mask.dtype == torch.bool:
-        return allowed
-    return torch.where(allowed, 0.0, torch.finfo(model_mask.dtype).min).to(model_mask.dtype)

@@ -1,26 +1,52 @@
-"""Packed attention without per-layer dense masks: running tokens first, then plain causal SDPA.
+"""Packed attention without per-layer gathered masks (dlo/attention.py), against the reference mask path.
 
-Padded training batches and inference prefill with fillers used to build a (B, heads, K, K) mask per
-routed layer; for full-attention layers under SDPA the packed batch is now ordered so that plain causal
-attention is exact. The mask path stays as the reference.
+The reference (``packed_attention_mask``) gathers rows and columns of the model's own mask. The fast paths: running
+tokens first then plain causal SDPA (full attention, or a window the chunk cannot exceed), and masks built from
+sequence indices (sliding windows, eager attention, prefill and chunks into the routed cache).
 """
 
 import copy
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import dlo
+from dlo import attention
 from dlo.routing import RoutedDecoderLayer
 
 ATOL = 1e-5
+T_TRAIN = 24
 
 
-@pytest.fixture
-def routed(tiny_llama_config):
+def _reference(monkeypatch):
+    monkeypatch.setattr(RoutedDecoderLayer, "_attention_path", lambda self, *args: attention.REFERENCE)
+
+
+def _mistral_config(tiny_llama_config, window, attn="sdpa"):
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings")
+    return MistralConfig(**{k: v for k, v in tiny_llama_config.to_dict().items() if k in keep},
+                         sliding_window=window, attn_implementation=attn)
+
+
+# name: (model class, config builder): full attention under SDPA and eager, a window shorter than the sequence
+# (masks from positions), one as long as it (the causal path), and the window under eager.
+MODELS = {
+    "llama-sdpa": lambda c: LlamaForCausalLM(c),
+    "llama-eager": lambda c: LlamaForCausalLM(type(c)(**{**c.to_dict(), "attn_implementation": "eager"})),
+    "mistral-window-5": lambda c: MistralForCausalLM(_mistral_config(c, 5)),
+    "mistral-window-T": lambda c: MistralForCausalLM(_mistral_config(c, T_TRAIN)),
+    "mistral-window-5-eager": lambda c: MistralForCausalLM(_mistral_config(c, 5, "eager")),
+}
+EXPECTED_PATH = {"llama-sdpa": attention.CAUSAL, "llama-eager": attention.POSITIONS,
+                 "mistral-window-5": attention.POSITIONS, "mistral-window-T": attention.CAUSAL,
+                 "mistral-window-5-eager": attention.POSITIONS}
+
+
+def _routed(tiny_llama_config, name):
     torch.manual_seed(0)
-    model = dlo.attach_routers(LlamaForCausalLM(tiny_llama_config),
+    model = dlo.attach_routers(MODELS[name](tiny_llama_config),
                                dlo.RoutingConfig(layers=[1, 2, 3], capacity=0.5, label="self"))
     for layer in dlo.routed_layers(model):
         torch.nn.init.normal_(layer.router.weight, std=1.0)
@@ -28,7 +54,7 @@ def routed(tiny_llama_config):
     return model
 
 
-def _padded_batch(T=24):
+def _padded_batch(T=T_TRAIN):
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 97, (3, T), generator=g)
     mask = torch.ones(3, T, dtype=torch.long)
@@ -47,17 +73,61 @@ def _step(model, batch, train):
     return out.logits.detach(), grads
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_causal_path_equals_the_mask_path(routed, monkeypatch, train):
+def _paths_taken(model, batch):
+    taken = set()
+    original = RoutedDecoderLayer._attention_path
+
+    def spy(self, *args):
+        taken.add(original(self, *args))
+        return original(self, *args)
+
+    RoutedDecoderLayer._attention_path = spy
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        RoutedDecoderLayer._attention_path = original
+    return taken
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["training", "prefill"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fast_paths_equal_the_reference_mask_path(tiny_llama_config, monkeypatch, name, train):
+    routed = _routed(tiny_llama_config, name)
     batch = _padded_batch()
+    routed.train(train)
+    assert _paths_taken(routed, batch) == {EXPECTED_PATH[name]}
     fast_logits, fast_grads = _step(copy.deepcopy(routed), batch, train)
-    monkeypatch.setattr(RoutedDecoderLayer, "_attends_causally", lambda self, mask, routing: False)
+    _reference(monkeypatch)
     ref_logits, ref_grads = _step(copy.deepcopy(routed), batch, train)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(fast_logits[valid], ref_logits[valid], atol=ATOL, rtol=0)
     assert fast_grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=ATOL, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name", ["llama-sdpa", "mistral-window-5", "llama-eager"])
+def test_prefill_and_chunks_into_the_routed_cache_equal_the_reference(tiny_llama_config, monkeypatch, name):
+    model = _routed(tiny_llama_config, name).eval()
+    batch = _padded_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def chunked():
+        cache, logits = None, []
+        with torch.no_grad():
+            for start, stop in ((0, 10), (10, 11), (11, T_TRAIN)):
+                out = model(ids[:, start:stop], attention_mask=mask[:, :stop], position_ids=positions[:, start:stop],
+                            cache=cache, use_cache=True)
+                cache = out.cache
+                logits.append(out.logits)
+        return torch.cat(logits, dim=1)
+
+    fast = chunked()
+    _reference(monkeypatch)
+    valid = mask.bool()
+    torch.testing.assert_close(fast[valid], chunked()[valid], atol=ATOL, rtol=0)
 
 
 def _saved_attention_sized(model, batch) -> list[tuple]:
@@ -77,23 +147,21 @@ def _saved_attention_sized(model, batch) -> list[tuple]:
     return seen
 
 
-def test_no_per_layer_dense_mask_is_kept_for_backward(routed, monkeypatch):
-    batch = _padded_batch(T=40)
+@pytest.mark.parametrize("name", ["llama-sdpa", "mistral-window-T"])
+def test_no_per_layer_dense_mask_is_kept_for_backward(tiny_llama_config, monkeypatch, name):
+    routed = _routed(tiny_llama_config, name)
+    batch = _padded_batch(T=T_TRAIN)
     assert _saved_attention_sized(copy.deepcopy(routed), batch) == []
-    monkeypatch.setattr(RoutedDecoderLayer, "_attends_causally", lambda self, mask, routing: False)
+    _reference(monkeypatch)
     assert _saved_attention_sized(copy.deepcopy(routed), batch), "the probe sees nothing: it tests nothing"
 
 
-def test_sliding_window_and_eager_layers_keep_the_mask_path(tiny_llama_config):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    config = MistralConfig(**{k: v for k, v in tiny_llama_config.to_dict().items() if k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads")}, sliding_window=5, attn_implementation="sdpa")
-    sliding = dlo.attach_routers(MistralForCausalLM(config), dlo.RoutingConfig(layers=[1], label="self"))
-    eager = dlo.attach_routers(LlamaForCausalLM(tiny_llama_config).to(torch.float32),
-                               dlo.RoutingConfig(layers=[1], label="self"))
-    eager.config._attn_implementation = "eager"
-    routing = dlo.routing.RoutingInputs(training=True, token_mask=torch.ones(1, 4, dtype=torch.bool))
-    assert not dlo.routed_layers(sliding)[0]._attends_causally(None, routing)
-    assert not dlo.routed_layers(eager)[0]._attends_causally(None, routing)
+def test_caller_masks_keep_the_reference_path(tiny_llama_config):
+    """A 4-D mask of the caller's (or packed position ids) may say anything: only its own rows and columns are exact."""
+    layer = dlo.routed_layers(_routed(tiny_llama_config, "llama-sdpa"))[0]
+    four_d = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    config = layer.self_attn.config
+    assert attention.attention_path(config, 1, four_d, None, 4, False) == attention.REFERENCE
+    assert attention.attention_path(config, 1, None, None, 4, False) == attention.CAUSAL
+    assert attention.attention_path(config, 1, None, torch.ones(1, 4, dtype=torch.bool), 4, True) == \
+        attention.POSITIONS
