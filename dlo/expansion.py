@@ -14,6 +14,9 @@ zero ``self_attn.o_proj`` and ``mlp.down_proj`` so the block adds nothing to the
 an exact identity); ``merge-linear`` (mean of the layer and the base layer before it); ``slerp``
 (per-tensor spherical interpolation at t=0.5 between the base layer before it and the layer).
 
+With ``shared=True`` a duplicate is no copy: it is a repetition that reuses its base layer's weights
+(dlo/sharing.py), and its init sets its residual scales: ``zero`` 0 (the identity), ``copy`` 1 (the layer).
+
 ``expand_model`` applies a plan to a ``*ForCausalLM`` of a supported family (dlo/families.py) in
 memory; ``dlo expand`` (dlo/expansion_io.py) applies it to a checkpoint on disk, streaming tensors
 layer by layer.
@@ -34,9 +37,12 @@ from transformers import PretrainedConfig
 
 from dlo.errors import UserError
 from dlo.families import check_causal_lm
+from dlo.sharing import repetition_map
 
 STRATEGIES = ("llama-pro", "dus", "idus", "slices")
 INITS = ("copy", "zero", "merge-linear", "slerp")
+# What a shared repetition's residual scales start at, by init (it has no tensors of its own to blend).
+SHARED_SCALE = {"zero": 0.0, "copy": 1.0}
 DEFAULT_INIT = {"llama-pro": "zero", "dus": "copy", "idus": "copy", "slices": "copy"}
 # The projections that write into the residual stream: zeroing them makes a block an identity.
 RESIDUAL_WRITERS = ("self_attn.o_proj.", "mlp.down_proj.")
@@ -62,6 +68,13 @@ def _check_num_layers(num_layers) -> int:
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers={num_layers!r}: must be a positive integer")
     return num_layers
+
+
+def _params(params: dict, shared: bool) -> dict:
+    """A plan's params, ``shared`` recorded only when set (copied plans read as they always did)."""
+    if not isinstance(shared, bool):
+        raise ValueError(f"shared={shared!r}: must be true or false")
+    return {**params, "shared": True} if shared else params
 
 
 def _from_sources(sources: list[int], init: str) -> list[LayerSpec]:
@@ -122,13 +135,21 @@ class ExpansionPlan:
             if init in ("merge-linear", "slerp") and i == 0:
                 raise ValueError(f"layer {j}: init={init!r} blends base layer {i} with the layer before it, "
                                  "and base layer 0 has none; use init 'copy' or 'zero'")
+            if is_new and self.shared and init not in SHARED_SCALE:
+                raise ValueError(f"layer {j}: init={init!r} with shared=true: a shared repetition has no tensors of "
+                                 f"its own to blend; valid: {', '.join(SHARED_SCALE)} (residual scales 0 or 1)")
             seen.add(i)
         self.new_indices = [j for j, spec in enumerate(self.layers) if spec.is_new]
+
+    @property
+    def shared(self) -> bool:
+        """Duplicates are repetitions sharing their base layer's weights (dlo/sharing.py), not copies."""
+        return bool(self.params.get("shared", False))
 
     # -- constructors ------------------------------------------------------------------------
 
     @classmethod
-    def llama_pro(cls, num_layers: int, groups: int, init: str = "zero") -> ExpansionPlan:
+    def llama_pro(cls, num_layers: int, groups: int, init: str = "zero", shared: bool = False) -> ExpansionPlan:
         """After the last layer of each of ``groups`` equal groups, insert a copy of it."""
         n = _check_num_layers(num_layers)
         if isinstance(groups, bool) or not isinstance(groups, int) or not (1 <= groups <= n) or n % groups:
@@ -139,19 +160,21 @@ class ExpansionPlan:
         for g in range(groups):
             group = list(range(g * size, (g + 1) * size))
             sources += group + group[-1:]
-        return cls("llama-pro", {"groups": groups, "init": _check_init(init)}, _from_sources(sources, init), n)
+        params = _params({"groups": groups, "init": _check_init(init)}, shared)
+        return cls("llama-pro", params, _from_sources(sources, init), n)
 
     @classmethod
-    def dus(cls, num_layers: int, overlap: int, init: str = "copy") -> ExpansionPlan:
+    def dus(cls, num_layers: int, overlap: int, init: str = "copy", shared: bool = False) -> ExpansionPlan:
         """SOLAR depth up-scaling: two copies, the first without its last ``overlap`` layers,
         the second without its first ``overlap``: ``[0, n-m) + [m, n)``."""
         n = _check_num_layers(num_layers)
         m = _check_overlap(overlap, n)
         sources = list(range(0, n - m)) + list(range(m, n))
-        return cls("dus", {"overlap": m, "init": _check_init(init)}, _from_sources(sources, init), n)
+        return cls("dus", _params({"overlap": m, "init": _check_init(init)}, shared), _from_sources(sources, init), n)
 
     @classmethod
-    def idus(cls, num_layers: int, overlap: int, group_size: int, init: str = "copy") -> ExpansionPlan:
+    def idus(cls, num_layers: int, overlap: int, group_size: int, init: str = "copy",
+             shared: bool = False) -> ExpansionPlan:
         """Interlocked DUS: the DUS halves A=[0, n-m) and B=[m, n) cut into chunks of
         ``group_size`` and interleaved A1 B1 A2 B2 ... (a shorter last chunk when it does not divide)."""
         n = _check_num_layers(num_layers)
@@ -164,11 +187,11 @@ class ExpansionPlan:
         for start in range(0, half, group_size):
             stop = min(start + group_size, half)
             sources += list(range(start, stop)) + list(range(m + start, m + stop))
-        params = {"overlap": m, "group_size": group_size, "init": _check_init(init)}
+        params = _params({"overlap": m, "group_size": group_size, "init": _check_init(init)}, shared)
         return cls("idus", params, _from_sources(sources, init), n)
 
     @classmethod
-    def slices(cls, ranges, init: str = "copy", num_layers: int | None = None) -> ExpansionPlan:
+    def slices(cls, ranges, init: str = "copy", num_layers: int | None = None, shared: bool = False) -> ExpansionPlan:
         """Stack half-open base-layer ranges, e.g. ``[(0, 16), (8, 24), (16, 32)]`` or ``"0-16,8-24"``."""
         if isinstance(ranges, str):
             ranges = parse_ranges(ranges)
@@ -186,21 +209,23 @@ class ExpansionPlan:
                 raise ValueError(f"slice {start}-{stop}: out of range for a {n}-layer model; "
                                  f"ranges must lie within [0, {n}]")
         sources = [i for start, stop in ranges for i in range(start, stop)]
-        params = {"ranges": [list(r) for r in ranges], "init": _check_init(init)}
+        params = _params({"ranges": [list(r) for r in ranges], "init": _check_init(init)}, shared)
         return cls("slices", params, _from_sources(sources, init), n)
 
     @classmethod
     def from_mergekit(cls, path_or_yaml_text: str | os.PathLike, init: str = "copy",
-                      num_layers: int | None = None) -> ExpansionPlan:
+                      num_layers: int | None = None, shared: bool = False) -> ExpansionPlan:
         """The layer map of a mergekit ``merge_method: passthrough`` config with one source model.
 
         With ``init='copy'`` the result is tensor for tensor what mergekit writes for that config.
         ``dtype``/``out_dtype`` are recorded in ``params['mergekit']``; ``dlo expand`` casts to them
-        (``expand_model`` leaves the dtype to whoever loaded the model). Errors in a file name it.
+        (``expand_model`` leaves the dtype to whoever loaded the model). Errors in a file name it. With
+        ``shared=True`` the repeated ranges reuse the weights of their first occurrence.
         """
         config, source = _read_mergekit(path_or_yaml_text)
         try:
-            return cls.slices(_mergekit_ranges(config), init=init, num_layers=num_layers)._with_mergekit(config)
+            plan = cls.slices(_mergekit_ranges(config), init=init, num_layers=num_layers, shared=shared)
+            return plan._with_mergekit(config)
         except ValueError as err:
             raise UserError(f"{source}: {err}") from None
 
@@ -237,14 +262,16 @@ class ExpansionPlan:
                              f"(valid: [0, {num_layers - 1}])")
 
     def to_table(self) -> str:
-        """The map as text: new index -> base index -> init (duplicates marked new)."""
+        """The map as text: new index -> base index -> init (duplicates marked new, or with the layer they reuse)."""
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
         base = "?" if self.num_layers is None else self.num_layers
         lines = [f"{self.strategy} ({params}): {base} -> {len(self.layers)} layers, "
                  f"{len(self.new_indices)} new",
                  f"{'layer':>5}  {'base':>4}  {'init':<12}  new"]
+        reuses = repetition_map(self.layers) if self.shared else {}
         for j, (i, init, is_new) in enumerate(self.layers):
-            lines.append(f"{j:>5}  {i:>4}  {init:<12}  {'yes' if is_new else ''}".rstrip())
+            mark = f"yes, shares layer {reuses[j]}" if j in reuses else "yes" if is_new else ""
+            lines.append(f"{j:>5}  {i:>4}  {init:<12}  {mark}".rstrip())
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -446,9 +473,10 @@ def expand_model(model, plan: ExpansionPlan):
     """Apply ``plan`` to a ``*ForCausalLM`` of a supported family (dlo/families.py) in place and return it.
 
     First uses of a base layer keep their module; every duplicate is a deep copy (its own storage)
-    initialised per the plan. Every attention ``layer_idx`` is renumbered (the KV cache is indexed
-    by it), ``config.num_hidden_layers`` and ``config.layer_types`` follow the new map, and the
-    map is recorded as ``config.dlo_expansion`` (see :meth:`ExpansionPlan.to_dict`).
+    initialised per the plan, or with a shared plan a repetition reusing the first use's weights (the
+    model then becomes ``Dlo<Base>``, which saves them once). Every attention ``layer_idx`` is renumbered (the
+    KV cache is indexed by it), ``config.num_hidden_layers`` and ``config.layer_types`` follow the new map, and
+    the map is recorded as ``config.dlo_expansion`` (see :meth:`ExpansionPlan.to_dict`).
     """
     check_architecture(model.config, type(model).__name__)
     if hasattr(model, "dlo_routing_config"):  # routers attached in memory: config.dlo_routing comes at save
@@ -459,6 +487,9 @@ def expand_model(model, plan: ExpansionPlan):
     expanded = []
     for j, (i, init, is_new) in enumerate(plan.layers):
         layer = layers[i]
+        if is_new and plan.shared:  # a placeholder: share_repetitions puts the repetition here
+            expanded.append(layer)
+            continue
         if is_new:
             layer = copy.deepcopy(layers[i])
             # The deep copy also copied the config its modules read (attention implementation, layer types); a stock
@@ -475,4 +506,9 @@ def expand_model(model, plan: ExpansionPlan):
         expanded.append(layer)
     model.get_decoder().layers = torch.nn.ModuleList(expanded)
     expanded_config(model.config, plan, n)
+    if plan.shared:
+        from dlo.modeling import share_repetitions
+
+        reuses = repetition_map(plan.layers)
+        share_repetitions(model, reuses, {j: SHARED_SCALE[plan.layers[j].init] for j in reuses})
     return model

@@ -1,11 +1,13 @@
 """Routed models: attach routers to a *ForCausalLM, run them, save, and load back.
 
 ``attach_routers`` swaps the model's class for ``Dlo<Base>`` (a subclass of the stock class, so the
-model stays e.g. a ``LlamaForCausalLM``). Its forward follows the convention of transformers' routed
-(MoE) models: the padding mask and this forward's routing inputs reach each routed layer as an input,
-the layers' decisions come back in the output, and in training with ``labels`` the output's ``loss``
-already holds ``task_loss + router_loss_weight * router_loss`` (both also returned apart). Any training
-loop therefore trains a routed model correctly.
+model stays e.g. a ``LlamaForCausalLM``); so does a shared-weight expansion (dlo/sharing.py), whose
+repetitions ``Dlo<Base>`` stores once and ties back on load, with or without routers. Its forward
+follows the convention of transformers' routed (MoE) models: the padding mask and this forward's
+routing inputs reach each routed layer as an input, the layers' decisions come back in the output,
+and in training with ``labels`` the output's ``loss`` already holds
+``task_loss + router_loss_weight * router_loss`` (both also returned apart). Any training loop
+therefore trains a routed model correctly.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dlo.routing import (
     RoutingInputs,
     routed_layer_class,
 )
+from dlo.sharing import CONFIG_KEY, config_record, reuses_of, share_layers, shared_keys
 from dlo.state import RoutingState
 
 ATTENTION_FOR_BLOCK = ("sdpa", "eager")
@@ -58,7 +61,7 @@ class RoutedCausalLMOutput(CausalLMOutputWithPast):
 
 
 class DloRoutedMixin:
-    """Behaviour added to a stock *ForCausalLM class once routers are attached."""
+    """Behaviour added to a stock *ForCausalLM class once routers are attached or layers are shared."""
 
     _dlo_base_class: type
 
@@ -74,13 +77,25 @@ class DloRoutedMixin:
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         info = getattr(config, "dlo_routing", None)
-        if info is None:
-            raise ValueError("config has no 'dlo_routing' entry: this checkpoint carries no routers")
-        _install_routers(self, RoutingConfig.from_dict(info["config"]), info["routed_layers"], info["capacities"])
+        repetitions = getattr(config, CONFIG_KEY, None)
+        if info is None and repetitions is None:
+            raise ValueError(f"config has no 'dlo_routing' or '{CONFIG_KEY}' entry: this checkpoint carries no "
+                             "routers and no shared layers")
+        if repetitions is not None:  # the scales' values come with the weights
+            reuses = reuses_of(repetitions)
+            share_layers(decoder_layers(self), reuses, dict.fromkeys(reuses, 0.0))
+        if info is not None:
+            _install_routers(self, RoutingConfig.from_dict(info["config"]), info["routed_layers"], info["capacities"])
+        if repetitions is not None:
+            _register_shared_keys(self)
 
     def forward(self, input_ids=None, attention_mask=None, *args, labels=None, output_router_logits=None,
                 num_items_in_batch=None, **kwargs):
         # `labels` is named in the signature: HF Trainer looks for it there to compute eval loss.
+        if not hasattr(self, STATE_MODULE):  # shared layers, no routers: the stock forward
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return super().forward(input_ids, attention_mask, *args, labels=labels, **kwargs)
         if not self.training:
             kwargs = _with_routed_cache(self, kwargs)
         routing = _routing_inputs(self, getattr(self, STATE_MODULE), input_ids, attention_mask, kwargs,
@@ -111,9 +126,17 @@ class DloRoutedMixin:
         return result
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """The stock checkpoint plus routing config and state, and the code that runs it (dlo/remote_code.py)."""
-        _sync_config(self)
+        """The stock checkpoint plus routing config and state, and the code that runs it (dlo/remote_code.py).
+        A shared repetition's tensors are its source's: they are left out, the config says which layer it reuses."""
+        if hasattr(self, STATE_MODULE):
+            _sync_config(self)
         base = stock_model_class(self)
+        if getattr(self.config, CONFIG_KEY, None) is not None:
+            state = kwargs.get("state_dict")
+            state = self.state_dict() if state is None else dict(state)
+            for key in _shared_keys(self):
+                state.pop(key, None)
+            kwargs["state_dict"] = state
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             # Named from the stock class, not type(self): a sharding wrapper (FSDP2's FSDPDlo...) subclasses it.
@@ -313,11 +336,34 @@ def new_layer_indices(config) -> list[int]:
     return [i for i, entry in enumerate(expansion.get("layers", [])) if entry.get("new")]
 
 
+def _shared_keys(model) -> dict[str, str]:
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    return shared_keys(model, prefix, reuses_of(getattr(model.config, CONFIG_KEY)))
+
+
+def _register_shared_keys(model):
+    """Declare the repetitions' tensors tied to their sources: transformers then neither initialises nor moves
+    them when a checkpoint leaves them out, and ties them back to the loaded source tensors."""
+    model.all_tied_weights_keys.update(_shared_keys(model))
+
+
+def share_repetitions(model, reuses: dict[int, int], scales: dict[int, float]):
+    """Make ``layers[j]`` a repetition of ``layers[reuses[j]]`` (dlo/sharing.py) in place; the model becomes
+    ``Dlo<Base>``, which stores the shared tensors once and ties them back on load."""
+    share_layers(decoder_layers(model), reuses, scales)
+    base = stock_model_class(model)
+    setattr(model.config, CONFIG_KEY, config_record(reuses, base.__name__))
+    model.__class__ = routed_model_class(base)
+    _register_shared_keys(model)
+    return model
+
+
 def attach_routers(model, config: RoutingConfig | None = None):
     """Wrap the chosen decoder layers of ``model`` in per-token routers (in place; returns the model)."""
     config = config or RoutingConfig()
     layers = decoder_layers(model)
-    if routed_layers(model) or isinstance(model, DloRoutedMixin):
+    if routed_layers(model) or hasattr(model, STATE_MODULE):
         raise ValueError("model already has routers attached; attaching twice would nest them")
     check_causal_lm(model.config, type(model).__name__)  # verified families only (dlo/families.py)
     if config.granularity == "block":
@@ -376,9 +422,10 @@ def load_model(path: str, capacity: float | list[float] | None = None, revision:
     """
     model_dir = resolve_model_dir(path, revision)
     raw = read_config(model_dir)
-    info = raw.get("dlo_routing")
+    info = raw.get("dlo_routing") or raw.get(CONFIG_KEY)
     if info is None:
-        raise UserError(f"{path}: config has no 'dlo_routing' (no routers); load it with AutoModelForCausalLM")
+        raise UserError(f"{path}: config has no 'dlo_routing' (no routers) and no '{CONFIG_KEY}' (no shared "
+                        "layers); load it with AutoModelForCausalLM")
     check_weights(model_dir)
     base_name = info["base_architecture"]
     base = getattr(transformers, base_name, None)
@@ -389,7 +436,7 @@ def load_model(path: str, capacity: float | list[float] | None = None, revision:
     model, loading = routed_model_class(base).from_pretrained(model_dir, config=config, output_loading_info=True,
                                                               **kwargs)
     router_problems = [k for k in [*loading["missing_keys"], *loading["unexpected_keys"]]
-                       if ".router." in k or k.endswith((".capacity", ".score_quantiles"))]
+                       if ".router." in k or k.endswith((".capacity", ".score_quantiles", ".residual_scale.weight"))]
     if router_problems:
         raise ValueError(
             f"{path}: routing config disagrees with the weights (routed layers {info['routed_layers']}); "

@@ -167,7 +167,8 @@ class DloTrainer(Trainer):
         base_lr = optimizer_kwargs.pop("lr", self.args.learning_rate)
         assigned, groups = set(), []
         for layer in routed_layers(routed):
-            params = [p for p in layer.parameters() if p.requires_grad]
+            # A shared repetition's weights are its source's: they go with the first routed layer that uses them.
+            params = [p for p in layer.parameters() if p.requires_grad and id(p) not in assigned]
             assigned.update(id(p) for p in params)
             groups.append({"params": params, "lr": base_lr * layer.target_capacity,
                            "weight_decay": self.args.weight_decay})
