@@ -16,15 +16,49 @@ DESIGN.md §3). Three paths, the first that applies is taken:
 
 The first two need the model's mask to be exactly causal plus padding plus the layer's window: a mask the
 model built from a 2-D padding mask, or from nothing.
+
+Flash attention takes no 4-D mask at all: its packed batch is handed over as variable-length sequences (``flash``):
+each row's running tokens first, one sequence per row of queries over the keys its row attends, its fillers a
+second one (``flash_varlen``). Its sliding window counts slots of the packed batch, not sequence positions, so a
+sliding layer runs under it only while no window can cut (the sequence no longer than the window).
 """
 
 from __future__ import annotations
 
 import torch
 
-CAUSAL, POSITIONS, REFERENCE = "causal", "positions", "reference"
+from dlo.errors import UserError
+
+CAUSAL, POSITIONS, REFERENCE, FLASH = "causal", "positions", "reference", "flash"
 # Implementations that apply causal attention by themselves when handed no mask.
 CAUSAL_WITHOUT_MASK = ("sdpa",)
+FLASH_IMPLEMENTATIONS = ("flash_attention_2",)
+# What block routing runs: each tested against SDPA's routed model (flash attention through transformers' own
+# integration, its kernel replaced by an exact torch reference: tests/test_flash_attention.py).
+BLOCK_ATTENTION = ("sdpa", "eager", *FLASH_IMPLEMENTATIONS)
+_NOT_SUPPORTED = {
+    "flex_attention": "the model builds one BlockMask for the whole sequence and a packed batch would need its own",
+    "flash_attention_3": "it shares flash_attention_2's integration, but its kernel has not been run with dlo",
+    "flash_attention_4": "it has no variable-length decoding kernel in transformers yet",
+}
+
+
+def check_block_attention(implementation: str | None, samples_skipped: bool = False):
+    """Refuse an attention implementation block routing does not run, naming the ones it does.
+
+    samples_skipped: training runs a sample of skipped tokens inside the packed batch for their similarity
+    (``similarity_source='packed'`` with similarity labels), whose attention pattern flash attention cannot express.
+    """
+    if implementation not in BLOCK_ATTENTION:
+        why = _NOT_SUPPORTED.get(implementation, "not verified with block routing")
+        raise UserError(f"granularity='block' runs attn_implementation in {BLOCK_ATTENTION}, got {implementation!r} "
+                        f"({why}); load the model with one of them, or use granularity='mlp' (attention stays the "
+                        "stock one)")
+    if samples_skipped and implementation in FLASH_IMPLEMENTATIONS:
+        raise UserError(f"attn_implementation={implementation!r} cannot run the sample of skipped tokens that "
+                        "similarity_source='packed' adds to the packed batch (each sees the running keys before it "
+                        "and itself: no variable-length layout); use similarity_source='dense', label='self', or "
+                        "attn_implementation='sdpa'")
 
 
 def layer_window(config, layer_index: int) -> int | None:
@@ -46,13 +80,49 @@ def attention_path(config, layer_index: int, attention_mask, padding_mask, seq_l
     attention_mask: the mask the model hands the layer; padding_mask: the (B, S) 2-D mask the model's mask was
     built from (None: none given); cached: the queries also attend a routed cache.
     """
+    implementation = getattr(config, "_attn_implementation", None)
+    check_block_attention(implementation)
+    if implementation in FLASH_IMPLEMENTATIONS:
+        return FLASH
     if padding_mask is None and attention_mask is not None:
         return REFERENCE  # a 4-D mask of the caller's, or one the model built from packed position ids
     window = layer_window(config, layer_index)
     within_window = window is None or seq_len <= window
-    if not cached and within_window and getattr(config, "_attn_implementation", None) in CAUSAL_WITHOUT_MASK:
+    if not cached and within_window and implementation in CAUSAL_WITHOUT_MASK:
         return CAUSAL
     return POSITIONS
+
+
+def check_flash_window(config, layer_index: int, seq_len: int):
+    """Refuse a chunk reaching sequence index ``seq_len`` - 1 on a sliding layer under flash attention, once the
+    window could cut: flash attention would count the window in packed slots, which are not sequence positions."""
+    window = layer_window(config, layer_index)
+    if window is not None and seq_len > window:
+        raise UserError(
+            f"block-routed sliding-window layer {layer_index} under attn_implementation="
+            f"{config._attn_implementation!r} runs sequences of up to its window ({window} tokens); this forward "
+            f"reaches {seq_len}. Flash attention counts the window in packed slots, not sequence positions: use "
+            "attn_implementation='sdpa' for longer sequences"
+        )
+
+
+def flash_varlen(query_ok: torch.Tensor, key_ok: torch.Tensor) -> dict:
+    """Variable-length arguments of flash attention for a packed batch: queries (B, Kq) over keys (B, Kk).
+
+    query_ok / key_ok: (B, Kq) / (B, Kk) bool, each row's attending tokens first (a prefix). The flattened batch is
+    two sequences per row: its n_b queries over its k_b keys, causal from the bottom right (the queries are the
+    row's last n_b keys: the chunk's own tokens, after those a cache stored), then its fillers over the rest
+    (finite, dropped by a zero gate; a filler with no key gets zeros). Maximum lengths are the padded widths (an
+    upper bound flash attention accepts), so nothing is read back to the host.
+    """
+    def bounds(ok: torch.Tensor) -> torch.Tensor:  # (B, W) -> (2B + 1,) int32 cumulative sequence starts
+        B, width = ok.shape
+        start = torch.arange(B, device=ok.device) * width
+        cuts = torch.stack([start, start + ok.sum(1)], dim=1).flatten()
+        return torch.cat([cuts, cuts.new_full((1,), B * width)]).to(torch.int32)
+
+    return dict(cu_seq_lens_q=bounds(query_ok), cu_seq_lens_k=bounds(key_ok), max_length_q=query_ok.shape[1],
+                max_length_k=key_ok.shape[1])
 
 
 def running_first(idx: torch.Tensor, active: torch.Tensor, gate: torch.Tensor):

@@ -20,6 +20,7 @@ import transformers
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from dlo.attention import check_block_attention
 from dlo.cache import RoutedCache
 from dlo.checkpoints import check_weights, read_config, resolve_model_dir
 from dlo.config import RoutingConfig
@@ -39,7 +40,6 @@ from dlo.routing import (
 from dlo.sharing import CONFIG_KEY, config_record, reuses_of, share_layers, shared_keys
 from dlo.state import RoutingState
 
-ATTENTION_FOR_BLOCK = ("sdpa", "eager")
 register_config_types(MODEL_TYPES)
 STATE_MODULE = "dlo_routing_state"
 
@@ -366,14 +366,9 @@ def attach_routers(model, config: RoutingConfig | None = None):
     if routed_layers(model) or hasattr(model, STATE_MODULE):
         raise ValueError("model already has routers attached; attaching twice would nest them")
     check_causal_lm(model.config, type(model).__name__)  # verified families only (dlo/families.py)
-    if config.granularity == "block":
-        impl = getattr(model.config, "_attn_implementation", None)
-        if impl not in ATTENTION_FOR_BLOCK:
-            raise ValueError(
-                f"granularity='block' needs attn_implementation in {ATTENTION_FOR_BLOCK}, got {impl!r} "
-                "(packed sub-batches carry their own 4-D masks); use granularity='mlp' or load with "
-                "attn_implementation='sdpa'"
-            )
+    if config.granularity == "block":  # attention implementations block routing runs (dlo/attention.py)
+        samples = config.label != "self" and config.similarity_source == "packed"
+        check_block_attention(getattr(model.config, "_attn_implementation", None), samples_skipped=samples)
     indices = config.resolve_layers(len(layers), new_layer_indices(model.config))
     capacities = config.resolve_capacities(len(indices))
     _install_routers(model, config, indices, capacities)

@@ -112,7 +112,8 @@ class ModelSection:
     )
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16.", "check": Choice(DTYPES)})
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "sdpa | eager (block routing needs one).", "check": Text()}
+        default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2 (what block routing runs; others are "
+                                  "refused when routers attach).", "check": Text()}
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute layers in backward.", "check": Boolean()}

@@ -29,8 +29,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from dlo.attention import (
     CAUSAL,
+    FLASH,
+    FLASH_IMPLEMENTATIONS,
     REFERENCE,
     attention_path,
+    check_block_attention,
+    check_flash_window,
+    flash_varlen,
     layer_window,
     packed_attention_mask,
     position_mask,
@@ -299,16 +304,27 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index, routing.row_block) \
             if measure and not in_order and layer_cache is None else None
         slots = idx if explore is None else torch.cat([idx, explore.idx], 1)  # (B, S): S = K + E
+        config = self.self_attn.config
         path = self._attention_path(attention_mask, routing, T, layer_cache is not None)
-        window = layer_window(self.self_attn.config, self.layer_index)
-        additive = h.dtype if self.self_attn.config._attn_implementation == "eager" else None
+        window = layer_window(config, self.layer_index)
+        additive = h.dtype if config._attn_implementation == "eager" else None
+        varlen = {}  # flash attention's variable-length arguments
+        if path == FLASH:
+            check_flash_window(config, self.layer_index, T + (0 if layer_cache is None else layer_cache.seen))
+            if explore is not None:
+                check_block_attention(config._attn_implementation, samples_skipped=True)
+            if not in_order:  # flash_varlen wants each row's running tokens first
+                idx, active, gate = running_first(idx, active, gate)
+                slots = idx
         if layer_cache is not None:
             # Queries attend the tokens this layer stored for their row, the chunk's selected ones included. The
             # model sized its mask for this chunk as the cache layer does before booking it (for a sliding window
             # the columns start at the first index the chunk can see).
             _, first_column = layer_cache.get_mask_sizes(T)
             offset = layer_cache.reserve(idx, active, T)
-            if path == REFERENCE:
+            if path == FLASH:
+                mask, varlen = None, flash_varlen(active, layer_cache.valid)
+            elif path == REFERENCE:
                 mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset,
                                              first_column)
             else:
@@ -318,6 +334,9 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             mask = exploration_mask(attention_mask, slots, key_ok, K)
         elif in_order and key_ok is None:
             mask = attention_mask
+        elif path == FLASH:
+            ok = active if key_ok is not None else torch.ones_like(active)
+            mask, varlen = None, flash_varlen(ok, ok)
         elif path == CAUSAL:
             # Running tokens first (dlo/attention.py): plain causal attention, no (B, heads, K, K) mask.
             if key_ok is not None:
@@ -327,6 +346,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             mask = packed_attention_mask(attention_mask, idx, idx, key_ok)
         else:
             mask = position_mask(idx, idx, key_ok, window, attention_mask, additive)
+        if varlen:
+            kwargs = {**kwargs, **varlen}
         if in_order:  # no gather needed
             f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
             y = h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
@@ -373,7 +394,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             self._record(routing, logits, None, None, valid, capacity, None)
             return h
         key_ok = layer_cache.append_step(active, B, h.device)  # (B, L) or None: nothing to hide
-        mask = None if key_ok is None else step_attention_mask(key_ok, attention_mask)
+        if key_ok is None or self.self_attn.config._attn_implementation in FLASH_IMPLEMENTATIONS:
+            mask = key_ok  # flash attention takes the (B, L) key mask itself (its query is the row's last key)
+        else:
+            mask = step_attention_mask(key_ok, attention_mask)
         f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
         y = f if gate is None else h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
         if routing.collect:

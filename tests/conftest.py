@@ -133,3 +133,19 @@ def run_dlo():
                               capture_output=True, text=True, timeout=300)
 
     return run
+
+
+def _logits_and_grads(model, batch, train: bool):
+    """One forward of ``batch`` (training: and backward): the logits, and every parameter's gradient by name."""
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, use_cache=False)
+    if train:
+        out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def logits_and_grads():
+    """``fn(model, batch, train) -> (logits, {name: grad})``, for comparing two attention paths."""
+    return _logits_and_grads

@@ -63,15 +63,6 @@ def _padded_batch(T=T_TRAIN):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def _step(model, batch, train):
-    model.train(train)
-    model.zero_grad(set_to_none=True)
-    out = model(**batch, use_cache=False)
-    if train:
-        out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), grads
-
 
 def _paths_taken(model, batch):
     taken = set()
@@ -92,14 +83,14 @@ def _paths_taken(model, batch):
 
 @pytest.mark.parametrize("train", [True, False], ids=["training", "prefill"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_fast_paths_equal_the_reference_mask_path(tiny_llama_config, monkeypatch, name, train):
+def test_fast_paths_equal_the_reference_mask_path(tiny_llama_config, monkeypatch, logits_and_grads, name, train):
     routed = _routed(tiny_llama_config, name)
     batch = _padded_batch()
     routed.train(train)
     assert _paths_taken(routed, batch) == {EXPECTED_PATH[name]}
-    fast_logits, fast_grads = _step(copy.deepcopy(routed), batch, train)
+    fast_logits, fast_grads = logits_and_grads(copy.deepcopy(routed), batch, train)
     _reference(monkeypatch)
-    ref_logits, ref_grads = _step(copy.deepcopy(routed), batch, train)
+    ref_logits, ref_grads = logits_and_grads(copy.deepcopy(routed), batch, train)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(fast_logits[valid], ref_logits[valid], atol=ATOL, rtol=0)
     assert fast_grads.keys() == ref_grads.keys()
