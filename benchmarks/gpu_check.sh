@@ -29,8 +29,8 @@ stage gpu-tests "$PY" -m pytest -q -m gpu tests/test_kernels_gpu.py
 stage kernels "$PY" benchmarks/kernels.py --out "$OUT/kernels.json"
 stage layer "$PY" benchmarks/layer.py --capacities 1.0 0.5 0.25 --out "$OUT/layer.json"
 stage model "$PY" benchmarks/model.py --capacities 0.5 0.25 --out "$OUT/model.json"
-stage decode "$PY" benchmarks/decode.py --hidden 4096 --intermediate 11008 --heads 32 --kv-heads 8 \
-    --vocab 32000 --dtype bfloat16 --batch-sizes 1,8,32,64 --out "$OUT/decode.json"
+stage decode "$PY" benchmarks/decode.py --sizes 1024,4096 --dtype bfloat16 --batch-sizes 1,8,32,64 \
+    --out "$OUT/decode.json"
 
 # The SFT recipe on the tiny default through the shipped accelerate configs (FSDP2: fsdp.yaml, ZeRO-3: zero3.yaml)
 # and one unsharded process, all at a global batch of 16. Two processes where there are two GPUs; NCCL refuses

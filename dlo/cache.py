@@ -19,7 +19,10 @@ Decode steps (one new token per row) take another path, at fixed shapes and with
 ``append_step(active)`` gives every row one new column, valid where the row runs the layer (the
 rows that skip run masked, their K/V land in an invalid column), and returns the key mask of the
 step's query. Such columns are trimmed in bulk (``compact``, one host sync) every
-``COMPACT_EVERY`` steps, and before a chunk of several tokens is booked.
+``COMPACT_EVERY`` steps, and before a chunk of several tokens is booked. A decode step costs the layer as
+few ops as it can: the decode columns' sequence indices are the same in every row, so they are kept as a
+number until something reads them, and a cache with every column valid keeps no validity tensor at all
+(a forced run without padding then adds no op to the stock layer's).
 
 Sliding-window layers: a query at sequence index p attends the keys at indices (p - window, p]; the
 window counts sequence indices (padding included, as the model's mask does), not stored tokens.
@@ -36,7 +39,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 # Decode steps between two compactions of a routed layer's columns: a host sync per layer that often, and at
@@ -58,17 +60,49 @@ class RoutedLayer(DynamicLayer):
 
     def _clear(self):
         self.seen = 0  # tokens of the sequence seen so far, run or skipped
-        self.valid: torch.Tensor | None = None  # (B, L) bool: slot holds a token
-        self.slots: torch.Tensor | None = None  # (B, L) long: sequence index of the stored token
+        self.width = 0  # columns stored per row (what the keys/values hold once written)
+        # (B, width) bool, slot holds a token; None: every column of every row does ("full": no mask needed).
+        self._valid: torch.Tensor | None = None
+        # (B, w) long sequence index of the stored token for the first w columns; the columns after them were
+        # appended by decode steps in a row (``_tail_start``, +1, ...): the same for every row, so kept as a number.
+        self._slots: torch.Tensor | None = None
+        self._tail_start = 0
         self._places: torch.Tensor | None = None  # (B, K) columns booked for the next update
         self._step_pending = False  # append_step() booked one column per row for the next update
         self.appended = 0  # decode columns appended since the last compaction
-        self.full = True  # every row stores as many tokens: no slot is empty
+
+    @property
+    def full(self) -> bool:
+        """Every row stores as many tokens and every column holds one: a query may attend all unmasked."""
+        return self._valid is None
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """(B, L) bool: slot holds a token (None before the first forward)."""
+        if self._slots is None or self._valid is not None:
+            return self._valid
+        return torch.ones(self._slots.shape[0], self.width, dtype=torch.bool, device=self._slots.device)
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        """(B, L) long: sequence index of each stored token (stale in empty slots; None before the first forward)."""
+        tail = self.width - (0 if self._slots is None else self._slots.shape[1])
+        if tail == 0:
+            return self._slots
+        steps = torch.arange(self._tail_start, self._tail_start + tail, device=self._slots.device)
+        return torch.cat([self._slots, steps.expand(self._slots.shape[0], tail)], dim=1)
+
+    def _set_columns(self, valid: torch.Tensor, slots: torch.Tensor, full: bool):
+        """Store materialised (B, L) validity and sequence indices (``full``: every column valid)."""
+        self._valid = None if full else valid
+        self._slots = slots
+        self.width = slots.shape[1]
 
     @property
     def lengths(self) -> torch.Tensor | None:
         """(B,) tokens stored per row (None before the first forward); derived, so a decode step need not keep it."""
-        return None if self.valid is None else self.valid.sum(1)
+        valid = self.valid
+        return None if valid is None else valid.sum(1)
 
     # ---- what the model reads -----------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -82,6 +116,7 @@ class RoutedLayer(DynamicLayer):
     def skip(self, batch: int, seq_len: int, device):
         """No token of this chunk runs the layer: nothing is stored."""
         self._ensure_rows(batch, device)
+        self._materialise_slots()  # the decode columns' sequence indices stop being consecutive
         self.seen += seq_len
 
     def reserve(self, idx: torch.Tensor, active: torch.Tensor, seq_len: int) -> int:
@@ -97,16 +132,16 @@ class RoutedLayer(DynamicLayer):
         self._before_booking()
         count = active.sum(1, keepdim=True)  # (B, 1)
         rank = torch.where(active, active.cumsum(1) - 1, count + (~active).cumsum(1) - 1)  # (B, K): actives first
-        lengths = self.lengths + count.squeeze(1)  # (B,) after booking
-        places = self.lengths.unsqueeze(1) + rank  # (B, K)
-        width = self.valid.shape[1] + K  # room for every booked column, fillers included
-        self.valid = _pad_columns(self.valid, width, False).scatter(1, places, active)
-        self.slots = _pad_columns(self.slots, width, 0).scatter(1, places, idx + offset)
+        stored = self.lengths  # (B,) before booking
+        lengths = stored + count.squeeze(1)  # (B,) after booking
+        places = stored.unsqueeze(1) + rank  # (B, K)
+        width = self.width + K  # room for every booked column, fillers included
+        valid = _pad_columns(self.valid, width, False).scatter(1, places, active)
+        slots = _pad_columns(self.slots, width, 0).scatter(1, places, idx + offset)
         # One host sync (inference only): trim storage to the longest row, and note whether every row is
         # as long, i.e. every stored slot holds a token (a single query may then attend all unmasked).
         shortest, longest = torch.stack(torch.aminmax(lengths)).tolist()
-        self.full = shortest == longest
-        self.valid, self.slots = self.valid[:, :longest], self.slots[:, :longest]
+        self._set_columns(valid[:, :longest], slots[:, :longest], shortest == longest)
         self._places = places
         self.seen += seq_len
         return offset
@@ -121,46 +156,54 @@ class RoutedLayer(DynamicLayer):
         """Book one column per row for a decode step's token; returns the query's key mask (B, L) bool, or None.
 
         active: (B, 1) bool, the rows that run the layer (None: every row). Every row gets the new column
-        (fixed shapes, no host sync); it is valid where the row runs. The mask lets each row attend its valid
-        columns and its own new one, so a row that skips still attends a finite key: its output is discarded.
-        None means nothing is to hide (every row runs and every column is valid).
+        (fixed shapes, no host sync); it is valid where the row runs, and the key mask is the new validity: a row
+        that skips attends its stored tokens only, and may attend none (its output is discarded, never mixed in).
+        None means nothing is to hide (every row runs and every column is valid): then nothing is computed here.
         """
         self._ensure_rows(batch, device)
         if self.appended >= COMPACT_EVERY:
             self.compact()
-        kept = self._window_valid()
-        every_row = active is None
-        if active is None:
-            active = torch.ones(batch, 1, dtype=torch.bool, device=device)
-        self.full = self.full and every_row and kept is self.valid
-        self.valid = torch.cat([kept, active], dim=1)
-        self.slots = F.pad(self.slots, (0, 1), value=self.seen)
+        if self.width == self._slots.shape[1]:
+            self._tail_start = self.seen  # the first of a run of decode columns
+        kept = self._window_valid()  # None: every stored column may be attended
+        self.width += 1
         self.seen += 1
         self.appended += 1
         self._step_pending = True
-        if self.full:
+        if kept is None and active is None:
             return None
-        return F.pad(kept, (0, 1), value=True)
+        if active is None:
+            active = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        if kept is None:
+            kept = torch.ones(batch, self.width - 1, dtype=torch.bool, device=device)
+        self._valid = torch.cat([kept, active], dim=1)
+        return self._valid
 
     def _before_booking(self):
         """Booking packs after each row's stored tokens: close the gaps decode steps left."""
         if self.appended:
             self.compact()
 
-    def _window_valid(self) -> torch.Tensor:
-        """(B, L) validity of the stored columns the next query may attend (all of them: no window)."""
-        return self.valid
+    def _window_valid(self) -> torch.Tensor | None:
+        """(B, L) validity of the stored columns the next query may attend (all of them: no window); None: all."""
+        return self._valid
+
+    def _materialise_slots(self):
+        if self._slots is not None and self.width > self._slots.shape[1]:
+            self._slots = self.slots
 
     def compact(self):
         """Pack each row's valid columns to the left and trim to the longest row: one host sync."""
         self.appended = 0
-        if self.valid is None:
+        if self._slots is None:
             return
-        shortest, longest = torch.stack(torch.aminmax(self.lengths)).tolist()
-        self.full = shortest == longest
-        columns = torch.sort((~self.valid).to(torch.int8), dim=1, stable=True).indices[:, :longest]  # (B, longest)
-        self.slots = self.slots.gather(1, columns)
-        self.valid = self.valid.gather(1, columns)
+        if self._valid is None:  # nothing to pack
+            self._materialise_slots()
+            return
+        valid = self._valid
+        shortest, longest = torch.stack(torch.aminmax(valid.sum(1))).tolist()
+        columns = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :longest]  # (B, longest)
+        self._set_columns(valid.gather(1, columns), self.slots.gather(1, columns), shortest == longest)
         if self.is_initialized:
             self.keys, self.values = _gather_columns(self.keys, columns), _gather_columns(self.values, columns)
 
@@ -175,8 +218,8 @@ class RoutedLayer(DynamicLayer):
             return self.keys, self.values
         if self._places is None:
             raise RuntimeError("RoutedLayer.update without reserve(): block-routed layers book their tokens first")
-        self.keys = _write(self.keys, key_states, self._places, self.valid.shape[1])
-        self.values = _write(self.values, value_states, self._places, self.valid.shape[1])
+        self.keys = _write(self.keys, key_states, self._places, self.width)
+        self.values = _write(self.values, value_states, self._places, self.width)
         self._places = None
         return self.keys, self.values
 
@@ -202,23 +245,24 @@ class RoutedLayer(DynamicLayer):
         self._select_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.valid is not None:
-            rows = torch.arange(self.valid.shape[0], device=self.valid.device)  # (B,)
+        if self._slots is not None:
+            rows = torch.arange(self._slots.shape[0], device=self._slots.device)  # (B,)
             self._select_rows(rows.repeat_interleave(repeats))
 
     def _select_rows(self, rows: torch.Tensor):
-        if self.valid is None:
+        if self._slots is None:
             return
-        rows = rows.to(self.valid.device)
-        # Rows taken from a cache whose rows are all full are full; otherwise assume not (no host sync).
-        self.valid, self.slots = self.valid[rows], self.slots[rows]
+        rows = rows.to(self._slots.device)
+        self._slots = self._slots[rows]  # the decode columns' indices are the same in every row
+        if self._valid is not None:  # rows taken from a full cache are full
+            self._valid = self._valid[rows]
         if self.is_initialized:
             self.keys, self.values = self.keys[rows], self.values[rows]
 
     def _ensure_rows(self, batch: int, device):
-        if self.valid is None:
-            self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
-            self.slots = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        if self._slots is None:
+            self._set_columns(torch.zeros(batch, 0, dtype=torch.bool, device=device),
+                              torch.zeros(batch, 0, dtype=torch.long, device=device), True)
 
 
 def _pad_columns(x: torch.Tensor, width: int, fill) -> torch.Tensor:
@@ -244,11 +288,11 @@ class RoutedSlidingLayer(RoutedLayer):
         super().__init__(**kwargs)
         self.sliding_window = sliding_window
 
-    def _window_valid(self) -> torch.Tensor:
+    def _window_valid(self) -> torch.Tensor | None:
         # The query at sequence index `seen` attends indices (seen - window, seen]: the older tokens leave.
         first = self.seen - self.sliding_window + 1
         if first <= 0:
-            return self.valid
+            return self._valid
         return self.valid & (self.slots >= first)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -266,16 +310,17 @@ class RoutedSlidingLayer(RoutedLayer):
 
     def _drop_before(self, first: int):
         """Drop, per row, the stored tokens at sequence indices below ``first`` (they lead each row)."""
-        if self.valid is None or first <= 0:
+        if self._slots is None or first <= 0:
             return
-        drop = ((self.slots < first) & self.valid).sum(1)  # (B,)
-        kept = self.lengths - drop
+        slots, valid = self.slots, self.valid
+        drop = ((slots < first) & valid).sum(1)  # (B,)
+        kept = valid.sum(1) - drop
         most, longest = torch.stack([drop.max(), kept.max()]).tolist()  # one host sync
         if most == 0:
             return
-        columns = (torch.arange(longest, device=drop.device) + drop.unsqueeze(1)).clamp(max=self.slots.shape[1] - 1)
-        self.slots = self.slots.gather(1, columns)
-        self.valid = torch.arange(longest, device=drop.device) < kept.unsqueeze(1)
+        columns = (torch.arange(longest, device=drop.device) + drop.unsqueeze(1)).clamp(max=slots.shape[1] - 1)
+        self._set_columns(torch.arange(longest, device=drop.device) < kept.unsqueeze(1), slots.gather(1, columns),
+                          False)
         if self.is_initialized:
             self.keys, self.values = _gather_columns(self.keys, columns), _gather_columns(self.values, columns)
 

@@ -372,26 +372,26 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
     def _decode_step(self, h, position_ids, position_embeddings, attention_mask, routing, kwargs, layer_cache):
         """One new token per row over a routed cache: fixed shapes, no host sync (docs/GENERATION.md).
 
-        Every row runs the layer; a row that skips is masked (gate 0, its K/V kept in an invalid cache column), so
-        the step's shapes do not depend on the decisions. A step that no row runs skips the layer's weights only
-        where the cache reads that on the host (``RoutedLayer.checks_idle``).
+        Every row runs the layer; a row that skips is masked (its output is its input, its K/V kept in an invalid
+        cache column), so the step's shapes do not depend on the decisions. A step that no row runs skips the
+        layer's weights only where the cache reads that on the host (``RoutedLayer.checks_idle``). Each op here
+        costs a dispatch per routed layer and step, so a forced run without padding adds none to the stock layer.
         """
         B = h.shape[0]
-        valid = routing.valid_tokens(B, 1)  # (B, 1) or None
-        logits = self.router(h).squeeze(-1).float()  # (B, 1)
-        capacity = self.capacity.to(torch.float64)
+        # Transformers passes no mask only when no token is padded (it checks once per step): every row is valid.
+        valid = None if attention_mask is None else routing.valid_tokens(B, 1)  # (B, 1) or None
         force = routing.force.get(self.layer_index)
-        if force == "run":  # exactly the stock layer on every valid row
-            active, gate = valid, None if valid is None else valid.to(logits.dtype)
-        else:
+        logits = self.router(h).squeeze(-1).float() if force is None or routing.collect else None  # (B, 1)
+        if force is None:
             score = torch.sigmoid(logits)
             active = score >= self._decode_threshold()  # (B, 1)
             if valid is not None:
                 active &= valid
-            gate = (1.0 + self.beta * (score - 0.5)) * active
+        else:
+            active = valid
         if force == "skip" or (force is None and layer_cache.checks_idle(h.device) and not bool(active.any())):
             layer_cache.skip(B, 1, h.device)
-            self._record(routing, logits, None, None, valid, capacity, None)
+            self._record(routing, logits, None, None, valid, self.capacity.double(), None)
             return h
         key_ok = layer_cache.append_step(active, B, h.device)  # (B, L) or None: nothing to hide
         if key_ok is None or self.self_attn.config._attn_implementation in FLASH_IMPLEMENTATIONS:
@@ -399,11 +399,15 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         else:
             mask = step_attention_mask(key_ok, attention_mask)
         f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
-        y = f if gate is None else h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
+        if force is None:  # y = h + g * (F(h) - h) on the rows that run, g = 1 + beta * (score - 1/2)
+            gate = score.mul(self.beta).add_(1.0 - 0.5 * self.beta).unsqueeze(-1).to(h.dtype)  # (B, 1, 1)
+            f = torch.lerp(h, f, gate)
+        # Where, not a zero gate: a skipping row may attend no key at all, and its NaN must not leak.
+        y = f if active is None else torch.where(active.unsqueeze(-1), f, h)
         if routing.collect:
             ran = torch.ones(B, 1, dtype=torch.bool, device=h.device) if active is None else active
-            self._record(routing, logits, torch.zeros(B, 1, dtype=torch.long, device=h.device), ran, valid, capacity,
-                         None)
+            self._record(routing, logits, torch.zeros(B, 1, dtype=torch.long, device=h.device), ran, valid,
+                         self.capacity.double(), None)
         return y
 
     def _layer_cache(self, kwargs) -> RoutedLayer | None:

@@ -57,11 +57,16 @@ def test_model_benchmark_json(tmp_path):
 
 
 def test_decode_benchmark_json(tmp_path):
-    result = run_benchmark("decode.py", tmp_path / "decode.json", "--hidden", "64", "--intermediate", "128",
-                           "--layers", "2", "--heads", "4", "--kv-heads", "2", "--vocab", "128", "--prompt", "8",
-                           "--new-tokens", "4", "--repeats", "1", "--batch-sizes", "1,3")
-    assert [r["batch"] for r in result["rows"]] == [1, 3]
-    for row in result["rows"]:
-        for key in ("routed", "dense", "base"):  # decode tokens/s
-            assert _finite_positive(row[key]), (key, row)
-        assert 0.0 <= row["decode_run_share"] <= 1.0 and 0.0 <= row["idle_layer_steps"] <= 1.0
+    result = run_benchmark("decode.py", tmp_path / "decode.json", "--sizes", "64,96", "--layers", "2", "--vocab", "128",
+                           "--prompt", "8", "--new-tokens", "4", "--repeats", "2", "--batch-sizes", "1,3")
+    assert result["device"] and result["load_average_before"] >= 0  # the hardware and the load are named
+    assert [m["hidden_size"] for m in result["models"]] == [64, 96]  # both sizes in one run
+    for model in result["models"]:
+        assert model["routed_layers"] == [0, 1] and model["target_capacity"] == [0.5, 0.5]
+        assert [r["batch"] for r in model["rows"]] == [1, 3]
+        for row in model["rows"]:
+            for name in ("routed", "forced", "plain"):
+                assert _finite_positive(row[f"{name}_tokens_per_s"]), (name, row)
+                assert len(row[f"{name}_step_ms"]) == 2  # one sample per round
+            assert _finite_positive(row["routed_speed_vs_plain"]) and _finite_positive(row["forced_speed_vs_plain"])
+            assert 0.0 <= row["decode_run_share"] <= 1.0 and 0.0 <= row["idle_layer_steps"] <= 1.0

@@ -71,10 +71,11 @@ def models(tiny_llama_config):
     return routed.eval(), base
 
 
-def _prompts():
+def _prompts(padded=True):
     ids = torch.randint(3, 97, (3, PROMPT_LEN))
     mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # left padding: the model passes a mask
+    if padded:
+        mask[1, :2] = 0  # left padding: the model passes a mask (without, transformers passes none)
     return ids, mask
 
 
@@ -102,9 +103,10 @@ def _routed_cache(model, skip_idle_layers):
     return dlo.RoutedCache(model.config, ROUTED, skip_idle_layers=skip_idle_layers)
 
 
-def test_decode_steps_read_no_value_the_stock_model_does_not(models, monkeypatch):
+@pytest.mark.parametrize("padded", [True, False])
+def test_decode_steps_read_no_value_the_stock_model_does_not(models, monkeypatch, padded):
     routed, base = models
-    ids, mask = _prompts()
+    ids, mask = _prompts(padded)
     want = routed.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
     _, stock = _generate_counting(base, ids, mask, monkeypatch)
     got, reads = _generate_counting(routed, ids, mask, monkeypatch, cache=_routed_cache(routed, False))
