@@ -1,4 +1,4 @@
-"""recipes/study.py end to end on the tiny default: two training steps per arm, tiny eval sizes."""
+"""recipes/study.py end to end on a tiny depth testbed: two seeds, three arms, two training steps each."""
 
 import importlib.util
 import json
@@ -11,29 +11,42 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from dlo.chat import assistant_token_mask
+from dlo.flops import model_flops
+from dlo.tiny import depth_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses; `-m "not slow"` skips them
-CONFIG = ROOT / "recipes" / "configs" / "study_tiny.yaml"
+CONFIG = ROOT / "recipes" / "configs" / "study_depth.yaml"
+ARMS = "{base: [model.expansion=null, routing=null], dense: [routing=null], dlo-c050-cos: [routing.capacity=0.5]}"
 SMALL = [
+    "seeds=[0, 1]",
+    "workers=2",
+    f"arms={ARMS}",
+    "compare=[[dense, base], [dlo-c050-cos, shortgpt-2L]]",
+    "testbed.train_records=256",
+    "testbed.eval_records=48",
+    "testbed.pretrain_steps=4",
     "training.max_steps=2",
     "training.save_steps=2",
     "training.logging_steps=1",
     "routing.anneal_steps=1",
-    "data.max_length=64",
-    "data.max_train_samples=64",
     "data.max_eval_samples=8",
     "calibration_samples=8",
-    "eval.max_samples=16",
-    "eval.batch_size=8",
-    "eval.accuracy_samples=3",
+    "static.calibration_samples=8",
+    "eval.max_samples=32",
+    "eval.batch_size=16",
+    "eval.accuracy_samples=4",
     "timing.batch_size=4",
     "timing.warmup=0",
     "timing.repeats=1",
+    "timing.decode_tokens=2",
 ]
-NUMBERS = ("num_layers", "parameters", "eval_loss", "eval_perplexity", "accuracy", "flops_per_token", "prefill_s",
-           "train_step_s")
+MODELS = ("base", "dense", "dlo-c050-cos", "shortgpt-2L", "dlo-c050-cos/usage-2L")
+NUMBERS = ("num_layers", "parameters", "eval_loss", "loss_easy", "loss_hard", "accuracy_easy", "accuracy_hard",
+           "exact_match", "flops_per_token", "gain_share", "compute_share")
+TIMES = ("prefill_s", "decode_s", "train_step_s")
 
 
 def load_study_module():
@@ -55,76 +68,185 @@ def run_study(study_dir, *overrides):
     return proc
 
 
-def configured_arms() -> dict[str, list[str]]:
-    return yaml.safe_load(CONFIG.read_text())["arms"]
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     study_dir = tmp_path_factory.mktemp("study")
     return study_dir, run_study(study_dir)
 
 
+def study_json(study_dir) -> dict:
+    return json.loads((study_dir / "study.json").read_text())
+
+
+def test_testbed_records_label_every_answer_token():
+    task = depth_tasks.TaskSpec()
+    tokenizer = depth_tasks.build_tokenizer(task)
+    for record in depth_tasks.generate(task, 20, seed=3):
+        ids, mask = assistant_token_mask(tokenizer, record["messages"])
+        assert sum(mask) == len(record["token_classes"]) == task.walk + 3
+        assert tokenizer.unk_token_id not in ids
+        words = record["answer"].split()
+        prompt = record["messages"][0]["content"].split()
+        pairs = {key: value for key, value, _ in zip(*[iter(prompt[:-2])] * 3)}  # "key value ," triples
+        start, walk = words[1], words[2:]
+        assert record["messages"][0]["content"].endswith(f"? {start}")
+        assert walk == [pairs[letter] for letter in [start, *walk[:-1]]]  # each step looks up the previous letter
+        assert len(set([start, *walk])) == task.walk + 1  # a walk shorter than the cycle never revisits
+    assert depth_tasks.generate(task, 5, seed=3) == depth_tasks.generate(task, 5, seed=3)
+    assert depth_tasks.generate(task, 5, seed=3) != depth_tasks.generate(task, 5, seed=4)
+    with pytest.raises(ValueError, match="walk=10: must be in"):
+        depth_tasks.TaskSpec(walk=10)
+
+
+@pytest.mark.slow
 def test_every_model_has_every_number(study):
     study_dir, proc = study
-    rows = {row["name"]: row for row in json.loads((study_dir / "study.json").read_text())["rows"]}
-    arms = configured_arms()
-    routed = [name for name, overrides in arms.items() if "routing=null" not in overrides]
-    assert set(rows) == set(arms) | {f"{name}/export" for name in routed}
+    result = study_json(study_dir)
+    rows = {(row["name"], row["seed"]): row for row in result["rows"]}
+    assert set(rows) == {(name, seed) for name in MODELS for seed in (0, 1)}
     for row in rows.values():
-        for key in NUMBERS:
+        timed = row["seed"] == 0
+        for key in NUMBERS + (TIMES if timed else ()):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (row["name"], key, row[key])
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["eval_loss"] > 0 and row["prefill_s"] > 0
-    # FLOPs follow depth and realised capacity: routing saves compute against the dense expansion.
-    assert rows["base"]["num_layers"] < rows["dense"]["num_layers"]
-    assert rows["base"]["flops_per_token"] < rows["dlo-c050"]["flops_per_token"] < rows["dense"]["flops_per_token"]
-    assert rows["dlo-c025"]["flops_per_token"] < rows["dlo-c075"]["flops_per_token"]
-    for name in routed:
-        assert rows[name]["realised_capacity"] and rows[f"{name}/export"]["kind"] == "export"
+        assert all(key not in row for key in TIMES) or timed
+        assert 0.0 <= row["accuracy_hard"] <= 1.0 and row["eval_loss"] > 0
+    # FLOPs follow depth and realised capacity; the static alternatives have the two layers asked for.
+    for seed in (0, 1):
+        base, dense, routed = (rows[(name, seed)] for name in ("base", "dense", "dlo-c050-cos"))
+        assert base["flops_per_token"] < routed["flops_per_token"] < dense["flops_per_token"]
+        assert (base["gain_share"], dense["gain_share"]) == (0.0, 1.0)
+        assert rows[("shortgpt-2L", seed)]["num_layers"] == rows[("dlo-c050-cos/usage-2L", seed)]["num_layers"] == 2
+        shares = routed["capacity_by_group"]
+        assert set(shares) == {"1", "2"} and set(shares["1"]) == {"prompt", "easy", "hard"}
+    summary = {entry["name"]: entry for entry in result["summary"]}
+    assert set(summary) == set(MODELS)
+    assert summary["base"]["eval_loss"]["n"] == 2 and math.isfinite(summary["base"]["eval_loss"]["ci95"])
+    assert [(p["a"], p["b"]) for p in result["paired"]] == [("dense", "base"), ("dlo-c050-cos", "shortgpt-2L")]
+
+    # The pre-registered criterion and question, evaluated from the rows.
+    verdict = result["preregistered"]
+    gains = [rows[("base", s)]["eval_loss"] - rows[("dense", s)]["eval_loss"] for s in (0, 1)]
+    assert verdict["testbed"]["gain"]["mean"] == pytest.approx(sum(gains) / 2)
+    assert [q["arm"] for q in verdict["question"]] == ["dlo-c050-cos"]
+    assert set(verdict["question"][0]["versus"]) == {"shortgpt-2L", "dlo-c050-cos/usage-2L"}
+    routed = rows[("dlo-c050-cos", 1)]
+    assert routed["gain_per_compute"] == pytest.approx(routed["gain_share"] / routed["compute_share"])
 
     table = (study_dir / "study.md").read_text()
-    for name in rows:
+    assert "## Pre-registered criterion" in table and "Answer for dlo-c050-cos:" in table
+    for name in MODELS:
         assert f"| {name} |" in table
-    assert "dlo efficiency study" in proc.stdout and "| dlo-c050 |" in proc.stdout
-    assert (study_dir / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "dlo efficiency study" in proc.stdout and "| dlo-c050-cos |" in proc.stdout
+    for plot in ("quality_flops", "quality_time", "gain", "capacity"):
+        assert (study_dir / f"study_{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((study_dir / "tb").rglob("events.out.tfevents.*"))
+    info = json.loads((study_dir / "testbed" / "build_info.json").read_text())
+    assert info["settings"]["train_records"] == 256 and set(info["base_eval_class_loss"]) == set(
+        depth_tasks.TOKEN_CLASSES)
 
 
-def test_exports_load_with_plain_transformers(study):
+@pytest.mark.slow
+def test_static_models_load_with_plain_transformers(study):
     study_dir, _ = study
-    exports = [row for row in json.loads((study_dir / "study.json").read_text())["rows"] if row["kind"] == "export"]
-    assert exports
-    for row in exports:
+    static = [row for row in study_json(study_dir)["rows"] if row["kind"] in ("shortgpt", "usage-export")]
+    assert {row["kind"] for row in static} == {"shortgpt", "usage-export"}
+    for row in static:
         model = AutoModelForCausalLM.from_pretrained(row["model_dir"])
         assert type(model) is LlamaForCausalLM
         assert not hasattr(model.config, "dlo_routing")
-        assert model.config.num_hidden_layers == 8 - len(row["dropped"]) == row["num_layers"]
+        assert model.config.num_hidden_layers == 3 - len(row["dropped"]) == row["num_layers"] == 2
+        assert row["kept"][0] == 0  # the base layer is never the one dropped at this depth
         with torch.no_grad():
             logits = model(torch.tensor([[1, 5, 9, 12]])).logits
         assert torch.isfinite(logits).all()
 
 
-def test_rerun_trains_nothing_and_a_stopped_arm_resumes(study):
+@pytest.mark.slow
+def test_a_rerun_resumes_the_stopped_run_alone(study):
     study_dir, _ = study
-    weights = sorted(study_dir.glob("arms/*/final/model.safetensors"))
-    assert len(weights) == len(configured_arms())
+    weights = sorted(study_dir.glob("arms/*/seed*/final/model.safetensors"))
+    assert len(weights) == 3 * 2
     before = {path: path.stat().st_mtime_ns for path in weights}
-
-    proc = run_study(study_dir)
-    assert "training" not in proc.stdout, proc.stdout
-    assert proc.stdout.count("cached") == len(configured_arms())
-    assert {path: path.stat().st_mtime_ns for path in weights} == before
-
-    # An arm stopped after its last checkpoint but before saving the final model resumes, alone.
-    stopped = study_dir / "arms" / "dense"
+    # A run stopped after its last checkpoint but before saving the final model resumes; the others are kept.
+    stopped = study_dir / "arms" / "dense" / "seed1"
     for path in (stopped / "final").iterdir():
         path.unlink()
     (stopped / "final").rmdir()
     proc = run_study(study_dir)
-    assert "training (resuming from checkpoint-2)" in proc.stdout, proc.stdout
+    assert "seed 1: training (resuming from checkpoint-2)" in proc.stdout, proc.stdout
+    assert proc.stdout.count(": training") == 1 and "building the testbed" not in proc.stdout, proc.stdout
+    assert proc.stdout.count("cached") == 3 * 2 - 1
     assert (stopped / "final" / "summary.json").is_file()
     assert {p: p.stat().st_mtime_ns for p in weights if stopped not in p.parents} == \
         {p: t for p, t in before.items() if stopped not in p.parents}
+
+
+def direct_token_classes(model, tokenizer, records: list[dict], groups: dict[str, list[str]]) -> dict:
+    """Per record, alone and unpadded: loss and accuracy per token group, and per routed layer the share of each
+    group's positions that ran it (a position belongs to the group of the token it predicts; 'prompt': none)."""
+    group_of = {name: group for group, names in groups.items() for name in names}
+    nll, hits, ran, seen = ({} for _ in range(4))
+    with torch.no_grad():
+        for record in records:
+            ids, mask = assistant_token_mask(tokenizer, record["messages"])
+            out = model(torch.tensor([ids]), output_router_logits=True) if hasattr(model, "dlo_routing_config") \
+                else model(torch.tensor([ids]))
+            answer = [p for p, m in enumerate(mask) if m]
+            predicts = dict.fromkeys(range(len(ids)), "prompt")
+            for position, name in zip(answer, record["token_classes"], strict=True):
+                group = group_of[name]
+                logits = out.logits[0, position - 1]
+                nll.setdefault(group, []).append(float(torch.log_softmax(logits, -1)[ids[position]].neg()))
+                hits.setdefault(group, []).append(float(int(logits.argmax()) == ids[position]))
+                predicts[position - 1] = group
+            for layer, decision in enumerate(getattr(out, "routing", None) or ()):
+                for position, group in predicts.items():
+                    ran.setdefault((layer, group), []).append(float(decision.selected[0, position]))
+    result = {f"loss_{g}": sum(v) / len(v) for g, v in nll.items()}
+    result |= {f"accuracy_{g}": sum(v) / len(v) for g, v in hits.items()}
+    result["eval_loss"] = sum(map(sum, nll.values())) / sum(map(len, nll.values()))
+    result["ran"] = {key: sum(v) / len(v) for key, v in ran.items()}
+    return result
+
+
+@pytest.mark.slow
+def test_token_class_figures_match_a_direct_computation(study):
+    """The study's batched, padded token pass against each record run alone, class by class."""
+    study_dir, _ = study
+    module = load_study_module()
+    cfg = module.load_study_config(str(CONFIG), [f"study_dir={study_dir}", *SMALL])
+    rows = {(row["name"], row["seed"]): row for row in study_json(study_dir)["rows"]}
+    records = [json.loads(line) for line in (study_dir / "testbed" / "data" / "eval.jsonl").read_text().splitlines()]
+    records = records[:cfg.eval.max_samples]
+    for name in ("dlo-c050-cos", "shortgpt-2L"):
+        row = rows[(name, 0)]
+        model = module.load_trained(row["model_dir"], "sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(row["model_dir"])
+        direct = direct_token_classes(model, tokenizer, records, cfg.eval.groups)
+        for key in ("eval_loss", "loss_easy", "loss_hard", "accuracy_easy", "accuracy_hard"):
+            assert row[key] == pytest.approx(direct[key], abs=1e-4), (name, key)
+        routed = sorted(row["capacity_by_group"])
+        assert len(routed) == (2 if name == "dlo-c050-cos" else 0)
+        for layer, index in enumerate(routed):
+            for group in ("prompt", "easy", "hard"):
+                assert row["capacity_by_group"][index][group] == pytest.approx(direct["ran"][(layer, group)])
+
+
+@pytest.mark.slow
+def test_the_long_base_gets_the_training_flops_of_its_reference(study):
+    """Steps that give the base the training FLOPs of DLO at c = 0.5, against the trained models' own configs."""
+    study_dir, _ = study
+    module = load_study_module()
+    arms = ARMS[:-1] + ", base-long: {overrides: [model.expansion=null, routing=null], train_flops_of: dlo-c050-cos}}"
+    cfg = module.load_study_config(str(CONFIG), [f"study_dir={study_dir}", *SMALL, f"arms={arms}",
+                                                 "training.max_steps=300"])
+    module.match_training_flops(cfg, 40.0)
+    routed = AutoConfig.from_pretrained(study_dir / "arms" / "dlo-c050-cos" / "seed0" / "final")
+    base = AutoConfig.from_pretrained(study_dir / "testbed" / "base")
+    flops = model_flops(routed, 40.0, {1: 0.5, 2: 0.5}, "block")["total"], model_flops(base, 40.0, {}, "block")["total"]
+    ratio = flops[0] / flops[1]
+    assert 1.5 < ratio < 2.5 and cfg.arm("base-long").recipe["training"]["max_steps"] == round(300 * ratio)
+    assert cfg.arm("base").recipe["training"]["max_steps"] == 300
 
 
 def test_bad_config_is_refused_with_a_clear_error():
@@ -133,17 +255,47 @@ def test_bad_config_is_refused_with_a_clear_error():
         study.load_study_config(str(CONFIG), ["evl.max_samples=3"])
     with pytest.raises(ValueError, match=r"unknown config key 'eval.acuracy_samples'; did you mean 'accuracy_samples'"):
         study.load_study_config(str(CONFIG), ["eval.acuracy_samples=3"])
-    with pytest.raises(ValueError, match=r"export.min_capacity=1.5: must be in \(0, 1\]"):
-        study.load_study_config(str(CONFIG), ["export.min_capacity=1.5"])
+    with pytest.raises(ValueError, match=r"static.num_layers=\[0\]: expected a list of integers >= 1"):
+        study.load_study_config(str(CONFIG), ["static.num_layers=[0]"])
     with pytest.raises(ValueError, match=r"arm 'fast': override 'training.max_steps' is not allowed"):
         study.load_study_config(str(CONFIG), ["arms.fast=[training.max_steps=10]"])
     with pytest.raises(ValueError, match=r"arm 'odd': .*capacity=2.0: must be in \(0, 1\]"):
         study.load_study_config(str(CONFIG), ["arms.odd=[routing.capacity=2.0]"])
+    with pytest.raises(ValueError, match=r"seeds=\[3\]: expected a list of at least two distinct integers"):
+        study.load_study_config(str(CONFIG), ["seeds=[3]"])
+    with pytest.raises(ValueError, match=r"arms.long.train_flops_of='dlo-c999' is not an arm"):
+        study.load_study_config(str(CONFIG), ["arms.long={overrides: [routing=null], train_flops_of: dlo-c999}"])
+    with pytest.raises(ValueError, match=r"compare entry \['dense', 'nothing'\]"):
+        study.load_study_config(str(CONFIG), ["compare=[[dense, nothing]]"])
 
 
-def test_an_arm_trained_under_other_settings_is_not_reused(study, tmp_path):
+def test_intervals_over_seeds():
+    study = load_study_module()
+    result = study.interval([1.0, 2.0, 3.0])
+    assert result["mean"] == 2.0 and result["ci95"] == pytest.approx(4.303 / math.sqrt(3))
+    assert study.t95(40) == pytest.approx(2.021, abs=2e-3)  # the expansion beyond the table
+    assert study.t95(11) > study.t95(30) > 1.96  # falls towards the normal quantile
+
+
+@pytest.mark.slow
+def test_a_run_trained_under_other_settings_is_not_reused(study, tmp_path):
     study_dir, _ = study
     module = load_study_module()
     cfg = module.load_study_config(str(CONFIG), [f"study_dir={study_dir}", *SMALL, "training.learning_rate=0.5"])
     with pytest.raises(ValueError, match=r"arm 'base' .* was trained with other settings \(sections \['training'\]"):
-        module.train_arm(cfg, cfg.arms[0], str(tmp_path / "unused.yaml"))
+        module.train_run(cfg, cfg.arms[0], 0, str(tmp_path / "unused.yaml"))
+
+
+def test_the_full_config_names_every_arm_of_the_study():
+    raw = yaml.safe_load(CONFIG.read_text())
+    study = load_study_module()
+    cfg = study.load_study_config(str(CONFIG), [])
+    assert len(cfg.seeds) >= 3 and cfg.static.dense == "dense" and cfg.static.base == "base"
+    kinds = {arm.name: arm.kind for arm in cfg.arms}
+    assert {name for name, kind in kinds.items() if kind == "dlo"} == {
+        f"dlo-c{c}-{label}" for c in ("075", "050", "025") for label in ("cos", "self", "cosd")}
+    for c in ("075", "050", "025"):  # the dense-similarity reference of each packed-estimator arm
+        packed, reference = (cfg.arm(f"dlo-c{c}-{label}").recipe["routing"] for label in ("cos", "cosd"))
+        assert packed.get("similarity_source", "packed") == "packed" and reference["similarity_source"] == "dense"
+        assert {**packed, "similarity_source": "dense"} == reference
+    assert {"llama-pro", "dus", "base-long"} <= set(raw["arms"])
