@@ -74,18 +74,36 @@ def layer_window(config, layer_index: int) -> int | None:
     return window
 
 
-def attention_path(config, layer_index: int, attention_mask, padding_mask, seq_len: int, cached: bool) -> str:
-    """Which of ``CAUSAL``, ``POSITIONS``, ``REFERENCE`` a routed layer's packed batch takes.
+def packed_examples(position_ids: torch.Tensor | None, attention_mask) -> torch.Tensor | None:
+    """(B, T) index of the example each token belongs to within its row, when the rows pack several examples; else
+    None. As transformers decides it, with its own function: only without a padding mask (a 2-D mask given, the model
+    attends across the examples), and only where position ids restart (an example's positions count up by one)."""
+    if position_ids is None or attention_mask is not None or position_ids.shape[-1] == 1:  # a decode step: one token
+        return None
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    return find_packed_sequence_indices(position_ids)
+
+
+def attention_path(config, layer_index: int, attention_mask, padding_mask, seq_len: int, cached: bool,
+                   examples: bool = False) -> str:
+    """Which of ``CAUSAL``, ``POSITIONS``, ``REFERENCE``, ``FLASH`` a routed layer's packed batch takes.
 
     attention_mask: the mask the model hands the layer; padding_mask: the (B, S) 2-D mask the model's mask was
-    built from (None: none given); cached: the queries also attend a routed cache.
+    built from (None: none given); cached: the queries also attend a routed cache; examples: the rows pack several
+    examples (``packed_examples``), which the model's mask keeps apart.
     """
     implementation = getattr(config, "_attn_implementation", None)
     check_block_attention(implementation)
     if implementation in FLASH_IMPLEMENTATIONS:
+        if examples:
+            raise UserError(f"block routing under attn_implementation={implementation!r} does not run rows that pack "
+                            "several examples (position ids restarting within a row); use attn_implementation='sdpa'")
         return FLASH
+    if examples:
+        return POSITIONS  # the model's packed-sequence mask: causal within each example, rebuilt from positions
     if padding_mask is None and attention_mask is not None:
-        return REFERENCE  # a 4-D mask of the caller's, or one the model built from packed position ids
+        return REFERENCE  # a 4-D mask of the caller's
     window = layer_window(config, layer_index)
     within_window = window is None or seq_len <= window
     if not cached and within_window and implementation in CAUSAL_WITHOUT_MASK:
@@ -132,10 +150,12 @@ def running_first(idx: torch.Tensor, active: torch.Tensor, gate: torch.Tensor):
 
 
 def position_mask(query_index: torch.Tensor, key_index: torch.Tensor, key_ok: torch.Tensor | None,
-                  window: int | None, like: torch.Tensor | None, additive_dtype: torch.dtype | None = None):
+                  window: int | None, like: torch.Tensor | None, additive_dtype: torch.dtype | None = None,
+                  examples: torch.Tensor | None = None):
     """Mask (B, 1, Kq, Kk) of queries at sequence indices ``query_index`` (B, Kq) over keys at ``key_index``
-    (B, Kk): a key is attended when it is not later than the query, within the window (index > query - window)
-    and allowed by ``key_ok`` (B, Kk) bool (None: all are).
+    (B, Kk): a key is attended when it is not later than the query, within the window (index > query - window),
+    allowed by ``key_ok`` (B, Kk) bool (None: all are) and, when ``examples`` (B, T) gives each sequence index its
+    packed example, of the query's example.
 
     Of the kind of the model's mask ``like`` (bool, or additive float); additive in ``additive_dtype`` when the
     model passed none and its attention needs one (eager), else bool.
@@ -147,6 +167,8 @@ def position_mask(query_index: torch.Tensor, key_index: torch.Tensor, key_ok: to
         allowed &= key > query - window
     if key_ok is not None:
         allowed &= key_ok.unsqueeze(1)
+    if examples is not None:
+        allowed &= examples.gather(1, query_index).unsqueeze(2) == examples.gather(1, key_index).unsqueeze(1)
     dtype = like.dtype if like is not None else additive_dtype
     return _mask_of_kind(allowed.unsqueeze(1), None if dtype == torch.bool else dtype)
 

@@ -33,7 +33,9 @@ def _batches(data, tokenizer, batch_size: int, max_length: int, device) -> list[
         data = out
     if not data:
         raise ValueError("calibrate() needs at least one text or batch")
-    return [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in data]
+    # position_ids: packed rows (data.packing) keep their examples apart only with them
+    return [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            for b in data]
 
 
 @torch.no_grad()

@@ -146,10 +146,17 @@ def tokenize_record(tokenizer, record: dict, fmt: str, max_length: int) -> dict[
 
 
 def pack(examples: list[dict], block: int) -> list[dict]:
-    """Concatenate examples and cut full blocks of ``block`` tokens (the tail is dropped)."""
+    """Concatenate examples and cut full blocks of ``block`` tokens (the tail is dropped).
+
+    Each block carries ``position_ids`` that restart at 0 where an example starts (an example cut by a block's end
+    goes on counting in the next block), so the model keeps examples apart: it attends within each one (transformers
+    builds that mask from position ids when a batch has no padding mask). The first token of every example is no
+    target: it would be predicted from the example before it.
+    """
     ids = [t for e in examples for t in e["input_ids"]]
-    labels = [t for e in examples for t in e["labels"]]
-    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]}
+    labels = [IGNORE_INDEX if i == 0 else t for e in examples for i, t in enumerate(e["labels"])]
+    positions = [i for e in examples for i in range(len(e["input_ids"]))]
+    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block], "position_ids": positions[i:i + block]}
             for i in range(0, len(ids) - block + 1, block)]
 
 
@@ -196,11 +203,17 @@ def build_sft_dataset(tokenizer, path: str, max_length: int, limit: int | None =
 
 @dataclass
 class SFTCollator:
-    """Right-pads a list of tokenised examples into a batch; padded labels are ignored."""
+    """Right-pads a list of tokenised examples into a batch; padded labels are ignored. Packed blocks (``pack``) are
+    all full: they go as they are, with their position ids and no padding mask (which would make the model attend
+    across the examples of a block)."""
 
     pad_token_id: int
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if "position_ids" in examples[0]:
+            if len({len(e["input_ids"]) for e in examples}) != 1:
+                raise ValueError("packed blocks of different lengths: pack() cuts them all to one length")
+            return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "labels", "position_ids")}
         T = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), T), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)

@@ -20,7 +20,7 @@ import transformers
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from dlo.attention import check_block_attention
+from dlo.attention import check_block_attention, packed_examples
 from dlo.cache import RoutedCache
 from dlo.checkpoints import check_weights, read_config, resolve_model_dir
 from dlo.config import RoutingConfig
@@ -197,7 +197,11 @@ def _routing_inputs(model, state, input_ids, attention_mask, kwargs, collect) ->
     if model.training:
         _check_checkpointing(model)
     embeds = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-    return state.inputs(model.training, embeds.shape[1], attention_mask, collect, embeds.device)
+    routing = state.inputs(model.training, embeds.shape[1], attention_mask, collect, embeds.device)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        routing.example_ids = packed_examples(position_ids.expand(embeds.shape[0], -1), attention_mask)
+    return routing
 
 
 def _records(routing: RoutingInputs, state: RoutingState) -> tuple[RouterRecord, ...]:

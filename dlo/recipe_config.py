@@ -144,7 +144,8 @@ class DataSection:
     )
     packing: bool = field(
         default=False,
-        metadata={"help": "Concatenate examples into full max_length blocks (labels kept).", "check": Boolean()},
+        metadata={"help": "Concatenate examples into full max_length blocks, position ids restarting per example "
+                          "(no token attends across examples; routing budgets per block).", "check": Boolean()},
     )
 
     def __post_init__(self):

@@ -93,6 +93,9 @@ class RoutingInputs:
         self.similarity_seed = similarity_seed  # seeds the packed source's sample of skipped tokens (per step)
         # Where this forward's rows sit in the optimizer step's global batch: block b holds rows [b * B, (b + 1) * B).
         self.row_block = row_block
+        # (B, T) example of each token within its row when rows pack several examples (position ids restarting, no
+        # padding mask: the model's mask keeps them apart); None: one sequence per row
+        self.example_ids: torch.Tensor | None = None
         self.force = {} if force is None else force  # layer index -> "run" | "skip"
         self.collect = collect  # write records (training, or output_router_logits at inference)
         self.records: dict[int, RouterRecord] = {}  # layer index -> its decisions
@@ -305,7 +308,9 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             if measure and not in_order and layer_cache is None else None
         slots = idx if explore is None else torch.cat([idx, explore.idx], 1)  # (B, S): S = K + E
         config = self.self_attn.config
-        path = self._attention_path(attention_mask, routing, T, layer_cache is not None)
+        # The model separates packed examples only without a cache (transformers' rule).
+        examples = None if any(kwargs.get(k) is not None for k in CACHE_KWARGS) else routing.example_ids
+        path = self._attention_path(attention_mask, routing, T, layer_cache is not None, examples is not None)
         window = layer_window(config, self.layer_index)
         additive = h.dtype if config._attn_implementation == "eager" else None
         varlen = {}  # flash attention's variable-length arguments
@@ -345,7 +350,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         elif path == REFERENCE:
             mask = packed_attention_mask(attention_mask, idx, idx, key_ok)
         else:
-            mask = position_mask(idx, idx, key_ok, window, attention_mask, additive)
+            mask = position_mask(idx, idx, key_ok, window, attention_mask, additive, examples)
         if varlen:
             kwargs = {**kwargs, **varlen}
         if in_order:  # no gather needed
@@ -364,10 +369,10 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         self._record(routing, logits, idx, active, valid, capacity, similarity, weight)
         return y
 
-    def _attention_path(self, attention_mask, routing, seq_len: int, cached: bool) -> str:
-        """How this layer's packed batch attends (dlo/attention.py): causal, positions or reference."""
+    def _attention_path(self, attention_mask, routing, seq_len: int, cached: bool, examples: bool) -> str:
+        """How this layer's packed batch attends (dlo/attention.py): causal, positions, reference or flash."""
         return attention_path(self.self_attn.config, self.layer_index, attention_mask, routing.token_mask, seq_len,
-                              cached)
+                              cached, examples)
 
     def _decode_step(self, h, position_ids, position_embeddings, attention_mask, routing, kwargs, layer_cache):
         """One new token per row over a routed cache: fixed shapes, no host sync (docs/GENERATION.md).

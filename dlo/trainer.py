@@ -76,6 +76,8 @@ class RoutingLogCallback(TrainerCallback):
     def count_batch(self, inputs: dict):
         """Note a micro-batch's real tokens (for tokens/s and the FLOPs ratio at the mean length)."""
         mask = inputs.get("attention_mask")
+        if mask is None and inputs.get("position_ids") is not None:  # packed blocks: no padding, every token is real
+            mask = torch.ones_like(inputs["input_ids"])
         if mask is not None:
             count = mask.sum().double()  # stays on the device: no host sync per micro-batch
             self._tokens = count if self._tokens is None else self._tokens + count

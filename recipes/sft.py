@@ -310,6 +310,8 @@ def main(argv=None):
             if evaluation is not None:
                 print(data_line(cfg.data.eval_file, counts["eval"], cfg.data.max_length))
         model = load_model(cfg)
+        if cfg.data.packing:  # transformers keeps a packed row's examples apart only in forwards without a KV cache
+            model.config.use_cache = False
         collator = SFTCollator(pad_token_id=tokenizer.pad_token_id)
         if cfg.lora is not None:
             model = add_lora(model, cfg)
@@ -360,6 +362,8 @@ def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts:
         ]
     final_dir = os.path.join(cfg.output_dir, FINAL_DIR)
     summary["final_dir"] = final_dir
+    if cfg.data.packing:
+        model.config.use_cache = True  # off for packed training only: the saved model generates with its cache
     save_pretrained_gathered(model, final_dir)  # every rank: FSDP shards and ZeRO-3 partitions are gathered
     if is_main:
         tokenizer.save_pretrained(final_dir)

@@ -45,6 +45,24 @@ def test_layer_benchmark_json(tmp_path):
     assert set(profile) == {"dense", "packed", "block"} and all(sum(v.values()) > 0 for v in profile.values())
 
 
+def test_long_seq_benchmark_json(tmp_path):
+    result = run_benchmark("long_seq.py", tmp_path / "long_seq.json", "--quick")
+    rows = {(r["seq"], r["padding"], r["capacity"], r["approach"]): r for r in result["timings"]}
+    memory = {(m["seq"], m["padding"], m["capacity"], m["approach"]): m for m in result["memory"]}
+    (seq,) = result["config"]["seqs"]
+    for padding in ("unpadded", "padded"):
+        assert rows[seq, padding, None, "dense"]["ratio"] == pytest.approx(1.0)
+        for c in (0.5, 0.25):
+            for approach in ("block", "packed"):
+                assert _finite_positive(rows[seq, padding, c, approach]["ratio"])
+            # activation memory follows capacity, padded or not; padded, the gathered-mask path keeps more
+            assert memory[seq, padding, c, "block"]["saved_ratio"] < c + 0.15
+    for c in (0.5, 0.25):
+        block = memory[seq, "padded", c, "block"]
+        assert block["saved_bytes"] < block["saved_bytes_mask_path"]
+    assert {(t["seq"], t["capacity"]) for t in result["targets"]} == {(seq, 0.5), (seq, 0.25)}
+
+
 def test_model_benchmark_json(tmp_path):
     result = run_benchmark("model.py", tmp_path / "model.json", "--quick", "--capacities", "0.5")
     rows = {(r["capacity"], r["approach"], r["mode"]): r for r in result["timings"]}

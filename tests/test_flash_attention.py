@@ -182,3 +182,11 @@ def test_unsupported_implementations_are_refused_precisely(tiny_llama_config):
     with pytest.raises(UserError, match=r"similarity_source='packed'.*use similarity_source='dense'"):
         dlo.attach_routers(copy.deepcopy(fa2), dlo.RoutingConfig(layers=[1], label="cos"))
     dlo.attach_routers(fa2, dlo.RoutingConfig(layers=[1], label="cos", similarity_source="dense"))
+
+
+def test_rows_packing_several_examples_are_refused(tiny_llama_config, flash):
+    fa2 = _with_attention(_routed(_llama(tiny_llama_config)), "flash_attention_2")
+    ids = _batch(padded=False)["input_ids"][:1]
+    positions = torch.cat([torch.arange(8), torch.arange(T - 8)]).unsqueeze(0)  # two examples in one row
+    with pytest.raises(UserError, match=r"does not run rows that pack several examples"):
+        fa2(ids, position_ids=positions, use_cache=False)

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import dlo
@@ -17,6 +18,7 @@ from dlo.routing import RoutedDecoderLayer
 
 ATOL = 1e-5
 T_TRAIN = 24
+T_PROBE = 48  # K = 24 > head_dim (16): only attention-sized 4-D tensors have two dims of at least K
 
 
 def _reference(monkeypatch):
@@ -145,6 +147,45 @@ def test_no_per_layer_dense_mask_is_kept_for_backward(tiny_llama_config, monkeyp
     assert _saved_attention_sized(copy.deepcopy(routed), batch) == []
     _reference(monkeypatch)
     assert _saved_attention_sized(copy.deepcopy(routed), batch), "the probe sees nothing: it tests nothing"
+
+
+class _AttentionSized(TorchDispatchMode):
+    """Records every 4-D tensor an op creates whose last two dims both reach ``K`` (a packed batch's attention scores
+    or mask: (B, h, K, K), or rows of the model's mask: (B, h, K, T)), but for the model's own (B, 1, T, T) mask."""
+
+    def __init__(self, K: int, T: int):
+        super().__init__()
+        self.K, self.T, self.seen = K, T, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and min(t.shape[-2:]) >= self.K and \
+                    tuple(t.shape[-2:]) != (self.T, self.T):
+                self.seen.add(tuple(t.shape[-2:]))
+        return out
+
+
+def _allocated_attention_sized(model, batch) -> set[tuple]:
+    T = batch["input_ids"].shape[1]
+    probe = _AttentionSized(K=round(0.5 * T), T=T)
+    model.train()
+    with probe:
+        model(**batch, use_cache=False).loss.backward()
+    return probe.seen
+
+
+@pytest.mark.parametrize("name", ["llama-sdpa", "mistral-window-5"])
+def test_no_tensor_of_packed_rows_by_sequence_is_allocated_in_padded_training(tiny_llama_config, monkeypatch, name):
+    """Forward and backward of a padded batch: no (B, h, K, T) tensor per routed layer, and on the causal path no
+    (B, h, K, K) one either (a sliding window shorter than the sequence builds its (B, 1, K, K) mask)."""
+    routed = _routed(tiny_llama_config, name)
+    batch = _padded_batch(T=T_PROBE)
+    K = T_PROBE // 2
+    seen = _allocated_attention_sized(copy.deepcopy(routed), batch)
+    assert seen == (set() if EXPECTED_PATH[name] == attention.CAUSAL else {(K, K)})
+    _reference(monkeypatch)
+    assert (K, T_PROBE) in _allocated_attention_sized(copy.deepcopy(routed), batch), "the probe sees nothing"
 
 
 def test_caller_masks_keep_the_reference_path(tiny_llama_config):
