@@ -46,6 +46,14 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 COMPACT_EVERY = 64
 
 
+def checks_idle(skip_idle_layers: bool | str, device: torch.device) -> bool:
+    """Whether a decode step reads on the host if any row runs a layer: True always, False never, "auto" where
+    that read is no sync (CPU tensors)."""
+    if skip_idle_layers == "auto":
+        return device.type == "cpu"
+    return bool(skip_idle_layers)
+
+
 class RoutedLayer(DynamicLayer):
     """Cache of one block-routed layer: K/V of the tokens it ran, per row, padded to the longest row."""
 
@@ -148,9 +156,7 @@ class RoutedLayer(DynamicLayer):
 
     def checks_idle(self, device: torch.device) -> bool:
         """Whether a decode step should read on the host if any row runs (see ``skip_idle_layers``)."""
-        if self.skip_idle_layers == "auto":
-            return device.type == "cpu"
-        return bool(self.skip_idle_layers)
+        return checks_idle(self.skip_idle_layers, device)
 
     def append_step(self, active: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
         """Book one column per row for a decode step's token; returns the query's key mask (B, L) bool, or None.

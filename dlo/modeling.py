@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from dlo.attention import check_block_attention, packed_examples
@@ -39,6 +39,7 @@ from dlo.routing import (
 )
 from dlo.sharing import CONFIG_KEY, config_record, reuses_of, share_layers, shared_keys
 from dlo.state import RoutingState
+from dlo.static_cache import route_static_cache
 
 register_config_types(MODEL_TYPES)
 STATE_MODULE = "dlo_routing_state"
@@ -252,7 +253,8 @@ def _check_checkpointing(model):
 
 def _with_routed_cache(model, kwargs: dict) -> dict:
     """Inference kwargs whose KV cache suits block routing: a RoutedCache where the model would build a stock
-    cache, and an empty stock DynamicCache (generate's, or the caller's) made routed in place."""
+    cache, an empty stock DynamicCache (generate's, or the caller's) made routed in place, and a StaticCache's
+    block-routed layers made RoutedStaticLayers in place."""
     block = [layer.layer_index for layer in routed_layers(model) if layer.granularity == "block"]
     if not block:
         return kwargs
@@ -268,11 +270,19 @@ def _with_routed_cache(model, kwargs: dict) -> dict:
     if type(cache) is DynamicCache and cache.get_seq_length() == 0:
         RoutedCache.adopt(cache, block)
         return kwargs
+    if type(cache) is StaticCache:  # generate(cache_implementation="static"), or the caller's
+        implementation = model.config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"a static cache under block routing runs with attn_implementation 'sdpa' or 'eager', "
+                             f"got {implementation!r}; use the dynamic cache (generate's default) with it")
+        route_static_cache(cache, block)
+        return kwargs
     kind = type(cache).__name__ if isinstance(cache, Cache) else repr(cache)
     state = "holding tokens" if type(cache) is DynamicCache else "of this kind"
     raise ValueError(
         f"a {kind} {state} cannot hold the keys/values of block-routed layers {block} (each keeps only the "
-        "tokens it ran); use the dynamic cache (generate's default, or none): dlo makes it a dlo.RoutedCache"
+        "tokens it ran); use the dynamic cache (generate's default, or none: dlo makes it a dlo.RoutedCache) or "
+        "the static one (cache_implementation='static')"
     )
 
 

@@ -45,6 +45,7 @@ from dlo.attention import (
 from dlo.cache import RoutedLayer
 from dlo.families import check_routable
 from dlo.ops import active_positions, flat_row_index, gather_rows, scatter_combine
+from dlo.static_cache import RoutedStaticLayer, static_step_mask
 
 # Score quantile levels tracked per layer; inference thresholds interpolate between them.
 NUM_QUANTILES = 101
@@ -193,6 +194,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
 
     def _decode_threshold(self) -> torch.Tensor:
         """``threshold()``, recomputed only when the quantiles or the capacity change (written, loaded or moved)."""
+        if torch.compiler.is_compiling():  # in a graph it is a few fused ops, and the key's data pointers break it
+            return self.threshold()
         key = (self.score_quantiles._version, self.capacity._version, self.score_quantiles.data_ptr(),
                self.capacity.data_ptr())
         if getattr(self, "_decode_threshold_key", None) != key:
@@ -401,6 +404,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         key_ok = layer_cache.append_step(active, B, h.device)  # (B, L) or None: nothing to hide
         if key_ok is None or self.self_attn.config._attn_implementation in FLASH_IMPLEMENTATIONS:
             mask = key_ok  # flash attention takes the (B, L) key mask itself (its query is the row's last key)
+        elif isinstance(layer_cache, RoutedStaticLayer):  # its columns are the model mask's: keep what that hides
+            mask = static_step_mask(key_ok, attention_mask)
         else:
             mask = step_attention_mask(key_ok, attention_mask)
         f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
@@ -415,8 +420,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
                          self.capacity.double(), None)
         return y
 
-    def _layer_cache(self, kwargs) -> RoutedLayer | None:
-        """This layer's part of a ``RoutedCache``, or None when there is no routed cache.
+    def _layer_cache(self, kwargs) -> RoutedLayer | RoutedStaticLayer | None:
+        """This layer's part of a routed cache (``RoutedCache``, or a static cache with routed layers), or None.
 
         A stock cache gets this layer's packed K/V, which is only harmless while it is empty (one
         cache-filling forward, e.g. training with use_cache on): decoding from it would be wrong.
@@ -425,7 +430,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         if cache is None:
             return None
         layer = cache.layers[self.layer_index] if self.layer_index < len(cache.layers) else None
-        if isinstance(layer, RoutedLayer):
+        if isinstance(layer, (RoutedLayer, RoutedStaticLayer)):
             return layer
         if cache.get_seq_length(self.layer_index) > 0:
             raise ValueError(

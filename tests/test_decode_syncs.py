@@ -5,18 +5,20 @@ and ops whose output shape depends on values (``nonzero``, ``masked_select``, ``
 are counted by a dispatch mode; ``tolist`` reads memory directly, so it is wrapped. Each decode forward of the
 routed model must make exactly the syncs of the stock model's (what transformers itself reads), none per routed
 layer; with idle checks on (the CPU default) one per routed layer; compaction one per routed layer every
-``COMPACT_EVERY`` steps.
+``COMPACT_EVERY`` steps. The same holds over a static cache, whose decode step torch.compile captures as one graph.
 """
 
 import copy
 
 import pytest
 import torch
+import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, StaticCache
 
 import dlo
 import dlo.cache
+from dlo.static_cache import route_static_cache
 
 ROUTED = [0, 2, 3]
 PROMPT_LEN, NEW_TOKENS = 6, 10
@@ -137,3 +139,40 @@ def test_compaction_reads_once_per_routed_layer_every_few_steps(models, monkeypa
     assert reads == [n + (len(ROUTED) if step in compacting else 0) for step, n in enumerate(stock)]
     for i in ROUTED:  # columns left by rows that skipped: at most one per step since the last compaction
         assert cache.layers[i].keys.shape[-2] - int(cache.stored_lengths(i).max()) <= every
+
+
+def test_static_cache_decode_steps_read_no_value_the_stock_model_does_not(models, monkeypatch):
+    """A static cache's routed layers write at a tensor position in place: no read per routed layer either."""
+    routed, base = models
+    ids, mask = _prompts()
+    want = routed.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
+    length = PROMPT_LEN + NEW_TOKENS
+    _, stock = _generate_counting(base, ids, mask, monkeypatch, cache=StaticCache(base.config, max_cache_len=length))
+    cache = route_static_cache(StaticCache(routed.config, max_cache_len=length), ROUTED, skip_idle_layers=False)
+    got, reads = _generate_counting(routed, ids, mask, monkeypatch, cache=cache)
+    assert torch.equal(got, want)
+    assert len(reads) == NEW_TOKENS - 1 and reads == stock
+
+
+def test_static_cache_decode_step_traces_as_one_graph(models):
+    """What CUDA graphs need: with idle checks off, torch.compile traces a decode step of the routed static cache
+    without a graph break past the routing inputs (built outside the graph) and without recompiling per step."""
+    from torch._dynamo.utils import counters
+
+    routed, _ = models
+    ids, mask = _prompts()
+    want = routed.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
+    cache = route_static_cache(StaticCache(routed.config, max_cache_len=PROMPT_LEN + NEW_TOKENS), ROUTED,
+                               skip_idle_layers=False)
+    config = transformers.CompileConfig(backend="eager", mode=None)  # dynamo's graph capture, no code generation
+    config._compile_all_devices = True  # generate() compiles on accelerators only unless told
+    torch._dynamo.reset()
+    counters.clear()
+    got = routed.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, cache=cache,
+                          compile_config=config)
+    assert torch.equal(got, want)
+    breaks = [reason for reason in counters["graph_break"] if "RoutingState.inputs" not in reason]
+    assert not breaks, breaks
+    # One graph (two if the part before the routing inputs holds any op) serves every step: a recompile per step
+    # would add one per step.
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2

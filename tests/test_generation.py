@@ -4,10 +4,13 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
+import transformers
+from transformers import DynamicCache, LlamaForCausalLM, StaticCache
+from transformers.cache_utils import StaticLayer
 
 import dlo
 from dlo.cache import RoutedCache, RoutedLayer
+from dlo.static_cache import RoutedStaticLayer
 
 PROMPT_LEN, NEW_TOKENS, PAD = 7, 12, 0
 ROUTED = [0, 2, 3]  # layer 1 stays unrouted: the cache mixes stock and routed layers
@@ -209,3 +212,41 @@ def test_stock_cache_is_made_routed_when_empty_and_refused_once_it_holds_tokens(
         base(ids, attention_mask=mask, cache=filled)  # a plain model's cache: every layer holds every token
         with pytest.raises(ValueError, match=r"holding tokens cannot hold .* block-routed layers \[0"):
             model(ids[:, -1:], attention_mask=step_mask, cache=filled)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("granularity", ["block", "mlp"])
+def test_static_cache_generate_matches_cache_free_forwards(base, granularity, batch):
+    """cache_implementation='static': block-routed layers keep each token they ran at its own column, valid there."""
+    model = _routed(base, granularity)
+    ids, mask = _prompts(batch)
+    want, want_mask = _greedy_cache_free(model, ids, mask, NEW_TOKENS)
+    cache = StaticCache(model.config, max_cache_len=PROMPT_LEN + NEW_TOKENS + 3)  # room left over: columns never used
+    for _ in range(2):  # the second run reuses the reset cache, as generate() reuses its own static cache
+        cache.reset()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, cache=cache)
+        assert torch.equal(out, want)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                      cache_implementation="static"), want)
+    if granularity == "mlp":  # attention is dense: the stock static cache as it is
+        assert all(type(layer) is StaticLayer for layer in cache.layers)
+        return
+    fed, fed_mask = want[:, :-1], want_mask[:, :-1]
+    with torch.no_grad():
+        records = _cache_free_records(model, fed, fed_mask)
+    assert type(cache.layers[1]) is StaticLayer  # the unrouted layer stays stock
+    for layer, record in zip(dlo.routed_layers(model), records):
+        stored = cache.layers[layer.layer_index]
+        assert isinstance(stored, RoutedStaticLayer)
+        real = record.valid  # (B, T): under a static cache generate() passes a 4-D mask, padding is routed as is
+        assert torch.equal(stored.valid[:, :fed.shape[1]][real], record.selected[real])
+        assert not stored.valid[:, fed.shape[1]:].any()  # nothing beyond the tokens seen
+
+
+def test_static_cache_refuses_sliding_window_layers(tiny_llama_config):
+    config = transformers.Qwen2Config(**{**tiny_llama_config.to_dict(), "model_type": "qwen2"}, use_sliding_window=True,
+                                      sliding_window=4, max_window_layers=0)
+    model = _routed(transformers.Qwen2ForCausalLM(config).eval(), "block")
+    ids, mask = _prompts(1)
+    with pytest.raises(NotImplementedError, match="full-attention layers .StaticLayer. only"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
