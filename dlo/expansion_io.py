@@ -53,6 +53,8 @@ def expand_checkpoint(model: str, plan: ExpansionPlan, output: str, force: bool 
     prefix, layer_keys = _layer_keys(files, config.num_hidden_layers, model_dir)
     plan.check_base(config.num_hidden_layers)
     casts = [getattr(torch, d) for d in _mergekit_dtypes(plan)]
+    if plan.shared:
+        return _expand_shared(model_dir, plan, output, force, casts)
 
     with atomic_output_dir(output, force, inputs=[model_dir]) as tmp, ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())}
@@ -77,10 +79,34 @@ def expand_checkpoint(model: str, plan: ExpansionPlan, output: str, force: bool 
         if casts:
             config.dtype = casts[-1]
         config.save_pretrained(tmp)
-        for name in sorted(os.listdir(model_dir)):
-            if any(fnmatch.fnmatch(name, pattern) for pattern in SIDE_FILES):
-                shutil.copy2(os.path.join(model_dir, name), os.path.join(tmp, name))
+        _copy_side_files(model_dir, tmp)
     return {"before": before, "after": writer.numel}
+
+
+def _expand_shared(model_dir: str, plan: ExpansionPlan, output: str, force: bool, casts: list[torch.dtype]) -> dict:
+    """A shared expansion copies no tensor: the base is loaded whole (the output's size, not twice it), expanded in
+    memory and saved by ``Dlo<Base>``, which writes each shared tensor once (dlo/sharing.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from dlo.expansion import expand_model
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    before = sum(p.numel() for p in model.parameters())
+    for dtype in casts:
+        model = model.to(dtype)
+    model = expand_model(model, plan)
+    with atomic_output_dir(output, force, inputs=[model_dir]) as tmp:
+        model.save_pretrained(tmp)
+        _copy_side_files(model_dir, tmp)
+    stored = sum(os.path.getsize(os.path.join(output, name)) for name in os.listdir(output)
+                 if name.endswith(".safetensors"))
+    return {"before": before, "after": sum(p.numel() for p in model.parameters()), "stored_bytes": stored}
+
+
+def _copy_side_files(model_dir: str, folder: str):
+    for name in sorted(os.listdir(model_dir)):
+        if any(fnmatch.fnmatch(name, pattern) for pattern in SIDE_FILES):
+            shutil.copy2(os.path.join(model_dir, name), os.path.join(folder, name))
 
 
 def _numel(shape) -> int:

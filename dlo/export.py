@@ -15,7 +15,11 @@ transformers loads without custom code. What it does, in order:
 3. copies the kept layers' weights into freshly built stock layers, renumbered 0..N-1, without
    the router tensors. Kept routed layers run every token **ungated** (g = 1): the gate
    1 + β(s − ½) depends on the token and has no dense equivalent; ``export.json`` and the
-   before/after loss state what that costs.
+   before/after loss state what that costs;
+4. materialises shared repetitions (dlo/sharing.py) as plain layers with their residual scales
+   folded exactly into o_proj/down_proj, as mergekit would write them; with ``keep_shared`` a kept
+   repetition of a kept layer stays shared (a ``Dlo<Base>`` checkpoint, loaded by ``dlo.load_model``).
+   ``dlo_export.memory`` states parameters and bytes before and after (each tensor once).
 
 With ``mlp`` granularity a routed layer's attention always ran; a stock layer cannot exist
 without its MLP, so dropping it removes its attention too (again measured by the loss).
@@ -35,8 +39,10 @@ import re
 import torch
 
 from dlo.checkpoints import atomic_output_dir
-from dlo.modeling import STATE_MODULE, decoder_layers, routed_layers, stock_model_class
+from dlo.errors import UserError
+from dlo.modeling import STATE_MODULE, decoder_layers, routed_layers, share_repetitions, stock_model_class
 from dlo.routing import ROUTING_BUFFERS
+from dlo.sharing import CONFIG_KEY, fold_scales, memory, reuses_of, shared_keys, unshare
 
 # Tensors a routed layer adds to the stock layer's own.
 ROUTER_TENSORS = ("router.weight", "router.bias", *ROUTING_BUFFERS)
@@ -98,9 +104,30 @@ def _layers_prefix(model) -> str:
     return next(name for name, module in model.named_modules() if module is layers)
 
 
+def shared_repetitions(model) -> dict[int, int]:
+    """{repetition: the layer it reuses} of a model with shared repetitions (dlo/sharing.py), else {}."""
+    record = getattr(model.config, CONFIG_KEY, None)
+    return reuses_of(record) if record else {}
+
+
 def export_static(model, min_capacity: float | None = None, num_layers: int | None = None,
-                  capacities: dict[int, float] | None = None, similarity: list[float] | None = None):
-    """A plain stock model with the chosen layers (see the module docstring). ``model`` keeps its weights."""
+                  capacities: dict[int, float] | None = None, similarity: list[float] | None = None,
+                  keep_shared: bool = False):
+    """A plain stock model with the chosen layers (see the module docstring). ``model`` keeps its weights, except
+    that a peft model's shared repetitions are first given their own weights (scales folded) so that each merges
+    its own adapters.
+
+    Shared repetitions are materialised as plain layers, scales folded into their o_proj/down_proj (a stock model,
+    as mergekit writes it); with ``keep_shared`` a kept repetition whose source layer is kept stays a repetition
+    (a ``Dlo<Base>`` model that stores it once), the others are materialised.
+    """
+    source_memory = memory(model)
+    repetitions = shared_repetitions(model)
+    if repetitions and hasattr(model, "merge_and_unload"):
+        if keep_shared:
+            raise UserError("keep_shared with LoRA adapters: merging a repetition's own adapters gives it weights of "
+                            "its own; export with materialised repetitions (keep_shared=False)")
+        unshare(decoder_layers(model))
     model = merge_lora(model)
     layers = decoder_layers(model)
     granularity = model.dlo_routing_config.granularity if routed_layers(model) else None
@@ -108,10 +135,12 @@ def export_static(model, min_capacity: float | None = None, num_layers: int | No
     kept = select_layers(len(layers), usage, min_capacity, num_layers, similarity)
     dropped = [i for i in range(len(layers)) if i not in kept]
     new_index = {old: new for new, old in enumerate(kept)}
+    still_shared = {j: k for j, k in repetitions.items() if keep_shared and j in new_index and k in new_index}
 
     stock = stock_model_class(model)
     # The stock config class (a model loaded through its checkpoint's own code has a dlo model type).
-    fields = {k: v for k, v in model.config.to_dict().items() if k not in ("dlo_routing", "auto_map", "model_type")}
+    fields = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("dlo_routing", CONFIG_KEY, "auto_map", "model_type")}
     config = stock.config_class.from_dict(fields)
     config._attn_implementation = model.config._attn_implementation
     config.architectures = [stock.__name__]
@@ -130,6 +159,11 @@ def export_static(model, min_capacity: float | None = None, num_layers: int | No
         "granularity": granularity,
         "kept_routed_layers_run_ungated": granularity is not None,
     }
+    if repetitions:
+        config.dlo_export["repetitions"] = {
+            "shared": {str(new_index[j]): new_index[k] for j, k in sorted(still_shared.items())},
+            "materialised": [new_index[j] for j in sorted(repetitions) if j in new_index and j not in still_shared],
+        }
 
     prefix = _layers_prefix(model)
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
@@ -146,14 +180,23 @@ def export_static(model, min_capacity: float | None = None, num_layers: int | No
             return None
         return f"{prefix}.{new_index[old]}.{rest}"
 
+    # What stays shared is tied after loading; every other repetition gets its own tensors, scales folded in.
+    left_out = set(shared_keys(model, prefix, still_shared))
+    source_state = fold_scales(model.state_dict(), keep=tuple(f"{prefix}.{j}." for j in still_shared))
     state = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in source_state.items():
         target = rename(key)
-        if target is not None:
+        if target is not None and key not in left_out:
             state[target] = tensor.detach().clone()
     with torch.device("meta"):  # no throw-away random init of a possibly large model
         exported = stock(config)
-    exported.load_state_dict(state, strict=True, assign=True)
+    if still_shared:
+        share_repetitions(exported, {new_index[j]: new_index[k] for j, k in still_shared.items()},
+                          dict.fromkeys((new_index[j] for j in still_shared), 0.0))
+    missing, unexpected = exported.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) != {rename(key) for key in left_out}:
+        raise RuntimeError(f"export state does not fit the exported model: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
     # Non-persistent buffers (rotary inv_freq, ...) are not in the state dict: take the source's.
     source_buffers = dict(model.named_buffers())
     source_of = {rename(k): k for k in source_buffers}
@@ -161,11 +204,12 @@ def export_static(model, min_capacity: float | None = None, num_layers: int | No
         if buffer.is_meta:
             module_name, _, attr = name.rpartition(".")
             exported.get_submodule(module_name)._buffers[attr] = source_buffers[source_of[name]].clone()
-    exported.tie_weights()
+    exported.tie_weights(recompute_mapping=not still_shared)  # the recorded mapping holds the repetitions' ties
     still_meta = [n for n, p in [*exported.named_parameters(), *exported.named_buffers()] if p.is_meta]
     if still_meta:
         raise RuntimeError(f"export left tensors without data: {still_meta[:5]}")
     exported.generation_config = copy.deepcopy(model.generation_config)
+    config.dlo_export["memory"] = {"source": source_memory, "export": memory(exported)}
     return exported.eval()
 
 

@@ -161,8 +161,8 @@ def _kind(config: dict) -> str:
 
 def _architecture(config: dict) -> str:
     """The stock transformers class (for a routed model, the class under dlo's routed one)."""
-    routing = config.get("dlo_routing")
-    return routing["base_architecture"] if routing else config["architectures"][0]
+    dlo_class = config.get("dlo_routing") or config.get("dlo_repetitions")
+    return dlo_class["base_architecture"] if dlo_class else config["architectures"][0]
 
 
 def _stock_config(config: dict):
@@ -276,13 +276,16 @@ def parameter_counts(config: dict) -> dict:
 
     stock = getattr(transformers, _architecture(config))
     with torch.device("meta"):
-        model = (routed_model_class(stock) if config.get("dlo_routing") else stock)(_stock_config(config))
-    total = sum(p.numel() for p in model.parameters())
+        dlo_class = config.get("dlo_routing") or config.get("dlo_repetitions")
+        model = (routed_model_class(stock) if dlo_class else stock)(_stock_config(config))
+    total = sum(p.numel() for p in model.parameters())  # a shared repetition's tensors once
     routers = sum(p.numel() for name, p in model.named_parameters() if ".router." in name)
+    scales = sum(p.numel() for name, p in model.named_parameters() if ".residual_scale." in name)
     layers = decoder_layers(model)
     stock_layer = sum(p.numel() for name, p in layers[0].named_parameters() if not name.startswith("router."))
     base_layers = (config.get("dlo_expansion") or {}).get("base_num_layers", len(layers))
-    base = total - routers + (base_layers - len(layers)) * stock_layer
+    repetitions = len((config.get("dlo_repetitions") or {}).get("layers", []))
+    base = total - routers - scales + (base_layers + repetitions - len(layers)) * stock_layer
     return {"model": total, "routers": routers, "base": base, "base_layers": base_layers}
 
 
@@ -333,7 +336,7 @@ def _export_section(info: dict, record: dict) -> str:
 
 
 def _loading_section(config: dict, directory: str) -> str:
-    if _kind(config) == "routed":
+    if _kind(config) == "routed" or config.get("dlo_repetitions"):
         code = (f"import dlo\n\nmodel = dlo.load_model({directory!r})                # capacity=0.4 changes the "
                 "share of tokens that run\n\n"
                 "from transformers import AutoModelForCausalLM\n\n"

@@ -37,7 +37,7 @@ from dlo.routing import (
     RoutingInputs,
     routed_layer_class,
 )
-from dlo.sharing import CONFIG_KEY, config_record, reuses_of, share_layers, shared_keys
+from dlo.sharing import CONFIG_KEY, config_record, plain_projections, reuses_of, share_layers, shared_keys, unshare
 from dlo.state import RoutingState
 from dlo.static_cache import route_static_cache
 
@@ -373,6 +373,23 @@ def share_repetitions(model, reuses: dict[int, int], scales: dict[int, float]):
     return model
 
 
+def materialise_repetitions(model):
+    """Make every shared repetition a plain layer with its own tensors, scales folded in, in place: the model then
+    is what a copied expansion is (routers, if any, stay). What merging per-repetition LoRA adapters leaves, once
+    ``dlo.sharing.unshare`` gave each repetition its own weights before the merge."""
+    if getattr(model.config, CONFIG_KEY, None) is None:
+        return model
+    for key in _shared_keys(model):
+        model.all_tied_weights_keys.pop(key, None)
+    layers = decoder_layers(model)
+    unshare(layers)
+    plain_projections(layers)
+    delattr(model.config, CONFIG_KEY)
+    if not hasattr(model, STATE_MODULE):
+        model.__class__ = stock_model_class(model)
+    return model
+
+
 def attach_routers(model, config: RoutingConfig | None = None):
     """Wrap the chosen decoder layers of ``model`` in per-token routers (in place; returns the model)."""
     config = config or RoutingConfig()
@@ -447,9 +464,11 @@ def load_model(path: str, capacity: float | list[float] | None = None, revision:
     router_problems = [k for k in [*loading["missing_keys"], *loading["unexpected_keys"]]
                        if ".router." in k or k.endswith((".capacity", ".score_quantiles", ".residual_scale.weight"))]
     if router_problems:
+        routed = (raw.get("dlo_routing") or {}).get("routed_layers", [])
+        repeated = [entry["layer"] for entry in (raw.get(CONFIG_KEY) or {}).get("layers", [])]
         raise ValueError(
-            f"{path}: routing config disagrees with the weights (routed layers {info['routed_layers']}); "
-            f"mismatched router tensors: {router_problems[:6]}"
+            f"{path}: routing config disagrees with the weights (routed layers {routed}, shared repetitions "
+            f"{repeated}); mismatched router or residual-scale tensors: {router_problems[:6]}"
         )
     if capacity is not None:
         set_capacity(model, capacity)

@@ -107,7 +107,8 @@ class ModelSection:
     path: str = field(metadata={"help": "Directory of a HF checkpoint (plain, expanded or routed).", "check": Text()})
     expansion: dict | None = field(
         default=None,
-        metadata={"help": "Optional ExpansionPlan applied on load, e.g. {strategy: llama-pro, groups: 8}.",
+        metadata={"help": "Optional ExpansionPlan applied on load, e.g. {strategy: llama-pro, groups: 8}; "
+                          "shared: true makes the duplicates repetitions reusing their source's weights.",
                   "check": Optional(Mapping())},
     )
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16.", "check": Choice(DTYPES)})

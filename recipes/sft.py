@@ -34,8 +34,9 @@ from dlo.checkpoints import check_weights, read_config, resolve_model_dir
 from dlo.data import DataCounts, SFTCollator, build_sft_dataset
 from dlo.distributed import save_pretrained_gathered
 from dlo.errors import EXIT_USER_ERROR, USER_ERRORS, UserError, debug_enabled, run_entry_point
+from dlo.export import shared_repetitions
 from dlo.model_card import write_model_card
-from dlo.modeling import routed_layers
+from dlo.modeling import decoder_layers, materialise_repetitions, routed_layers
 from dlo.recipe_config import (
     RESUME_SAFE_KEYS,
     RecipeConfig,
@@ -44,6 +45,7 @@ from dlo.recipe_config import (
     parse_scalar,
     training_arguments,
 )
+from dlo.sharing import unshare
 from dlo.trainer import CapacityImageCallback, DloTrainer
 from dlo.validation import Boolean
 
@@ -182,9 +184,10 @@ def expansion_plan(spec: dict, num_layers: int):
 def load_model(cfg: RecipeConfig):
     dtype = getattr(torch, cfg.model.dtype)
     model_dir = resolve_model_dir(cfg.model.path)  # a directory, or a hub id (offline from the cache)
-    already_routed = "dlo_routing" in read_config(model_dir)
+    raw = read_config(model_dir)
+    already_routed = "dlo_routing" in raw
     check_weights(model_dir)  # a truncated or corrupt weight file is named before transformers reads it
-    if already_routed:
+    if already_routed or "dlo_repetitions" in raw:  # routers or shared repetitions: dlo's model class
         model = dlo.load_model(model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
@@ -195,6 +198,10 @@ def load_model(cfg: RecipeConfig):
         from dlo.expansion import expand_model
 
         model = expand_model(model, expansion_plan(cfg.model.expansion, model.config.num_hidden_layers))
+    sharded = [name for var, name in SHARDED_LAUNCHES.items() if os.environ.get(var, "false").lower() == "true"]
+    if sharded and shared_repetitions(model):
+        raise UserError(f"shared repetitions under {sharded[0]}: sharding units that hold the same tensor twice is not "
+                        "verified; train them unsharded (one process or DDP), or use model.expansion.shared: false")
     if cfg.routing is not None and not already_routed:
         model = dlo.attach_routers(model, cfg.routing)
     if cfg.model.gradient_checkpointing:
@@ -202,13 +209,22 @@ def load_model(cfg: RecipeConfig):
     return model
 
 
+def new_modules(model) -> list[str]:
+    """The modules dlo adds, trained fully under LoRA: routers, and the residual scales of shared repetitions."""
+    names = ["router"] if routed_layers(model) else []
+    if any(name.endswith(".residual_scale") for name, _ in model.named_modules()):
+        names.append("residual_scale")
+    return names
+
+
 def add_lora(model, cfg: RecipeConfig):
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-                      # Routers are small and new: they always train fully and are saved with the adapters.
-                      modules_to_save=["router"] if routed_layers(model) else None)
+                      # Routers and the residual scales of shared repetitions are small and new: they always train
+                      # fully and are saved with the adapters.
+                      modules_to_save=new_modules(model) or None)
     return get_peft_model(model, lora)
 
 
@@ -339,7 +355,13 @@ def main(argv=None):
 def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts: dict[str, DataCounts], is_main):
     model = trainer.model
     if cfg.lora is not None and cfg.lora.merge:
+        # Each shared repetition's adapters merge into its own copy of the weights: the repetitions stop sharing.
+        repeated = shared_repetitions(model)
+        if repeated:
+            unshare(decoder_layers(model))
         model = model.merge_and_unload()
+        if repeated:
+            materialise_repetitions(model)
     routed = routed_layers(model)
     summary = {"steps": trainer.state.global_step, "train_seconds": round(result.metrics["train_runtime"], 1),
                "train_task_loss": next((h["task_loss"] for h in reversed(trainer.state.log_history)

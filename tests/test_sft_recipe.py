@@ -162,3 +162,36 @@ def test_clear_errors(tmp_path):
     (taken / "something.txt").write_text("another run")
     proc = run_recipe(taken, check=False)
     assert proc.returncode != 0 and "already holds" in proc.stderr
+
+
+SHARED_MIDDLE = "model.expansion={strategy: slices, ranges: '0-4,2-6', init: zero, shared: true}"
+
+
+def test_shared_repetitions_train_route_and_save_once(tmp_path):
+    out = tmp_path / "shared"
+    run_recipe(out, "training.max_steps=6", SHARED_MIDDLE)
+    final = out / "final"
+    model = dlo.load_model(str(final))
+    layers = model.model.layers
+    assert [layer.layer_index for layer in dlo.routed_layers(model)] == [4, 5]  # the repetitions of 2 and 3
+    assert layers[4].self_attn.q_proj.weight is layers[2].self_attn.q_proj.weight
+    assert layers[4].self_attn.residual_scale.weight.abs().sum() > 0  # trained away from the identity
+    weights = load_file(str(final / "model.safetensors"))
+    assert not any(k.startswith(("model.layers.4.self_attn.q_proj", "model.layers.5.mlp.up_proj")) for k in weights)
+    base = load_file(str(ROOT / "assets/tiny/base/model.safetensors"))
+    extra = sum(t.numel() for t in weights.values()) - sum(t.numel() for t in base.values())
+    d = model.config.hidden_size
+    assert extra == 2 * (d + 1) + 2 * 2 * d + 2 * (1 + 101) + 1  # routers, scales, routing buffers, step
+
+
+def test_shared_repetitions_with_lora_merge_into_copies(tmp_path):
+    out = tmp_path / "shared-lora"
+    run_recipe(out, "training.max_steps=4", SHARED_MIDDLE, "lora.r=4", "lora.alpha=8")
+    final = out / "final"
+    weights = load_file(str(final / "model.safetensors"))
+    assert not any("lora_" in k or "modules_to_save" in k or "residual_scale" in k for k in weights)
+    # Each repetition merged its own adapters: its weights are its own, no longer its source's.
+    assert not torch.equal(weights["model.layers.4.self_attn.q_proj.weight"],
+                           weights["model.layers.2.self_attn.q_proj.weight"])
+    model = dlo.load_model(str(final))
+    assert "dlo_repetitions" not in model.config.to_dict() and len(dlo.routed_layers(model)) == 2

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 import dlo
 from dlo.errors import UserError
 from dlo.expansion import ExpansionPlan, expand_model
-from dlo.modeling import decoder_layers
-from dlo.sharing import ScaledProjection
+from dlo.modeling import decoder_layers, materialise_repetitions
+from dlo.sharing import ResidualScale, ScaledProjection
 
 ATOL = 1e-6
 PLANS = {  # every strategy on the 4-layer fixture
@@ -93,8 +93,8 @@ def test_one_step_equals_copied_model_with_summed_duplicate_gradients(base, init
     for layer in dlo.routed_layers(model):
         torch.nn.init.normal_(layer.router.weight, std=0.5)
     for module in model.modules():
-        if isinstance(module, ScaledProjection):
-            torch.nn.init.uniform_(module.residual_scale.weight, 0.5, 1.0)
+        if isinstance(module, ResidualScale):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.0)
     ref = untied(model)
     x = ids(T=12)
     rep = {3: 1, 4: 2}
@@ -159,8 +159,8 @@ def test_memory_optimizer_and_checkpoint_are_the_base_plus_routers_and_scales(ba
 def test_save_load_restores_the_sharing(base, tmp_path):
     model = expand_model(copy.deepcopy(base), ExpansionPlan.llama_pro(4, 2, init="copy", shared=True))
     for module in model.modules():
-        if isinstance(module, ScaledProjection):
-            torch.nn.init.uniform_(module.residual_scale.weight, 0.2, 0.8)
+        if isinstance(module, ResidualScale):
+            torch.nn.init.uniform_(module.weight, 0.2, 0.8)
     model.save_pretrained(tmp_path)
     x = ids()
     with torch.no_grad():
@@ -185,9 +185,10 @@ def test_save_load_restores_the_sharing(base, tmp_path):
         torch.testing.assert_close(again.eval()(x).logits, want, atol=ATOL, rtol=0)
 
 
-def test_cached_generation_equals_cache_free_with_routed_repetitions(base):
+@pytest.mark.parametrize("granularity", ["block", "mlp"])
+def test_cached_generation_equals_cache_free_with_routed_repetitions(base, granularity):
     model = expand_model(copy.deepcopy(base), ExpansionPlan.slices("0-3,1-4", init="copy", shared=True))
-    model = dlo.attach_routers(model, dlo.RoutingConfig(layers="new", capacity=0.5))
+    model = dlo.attach_routers(model, dlo.RoutingConfig(layers="new", capacity=0.5, granularity=granularity))
     for layer in dlo.routed_layers(model):
         torch.nn.init.normal_(layer.router.weight, std=1.0)
     dlo.calibrate(model, [{"input_ids": torch.randint(3, 97, (4, 32), generator=torch.Generator().manual_seed(7))}],
@@ -216,3 +217,144 @@ def test_refusals(base, tiny_llama_config):
                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16))
     with pytest.raises(UserError, match="Gemma2DecoderLayer.*shared=false"):
         expand_model(gemma2, ExpansionPlan.dus(2, 0, shared=True))
+
+
+def routed_shared(base, init="copy"):
+    """[0, 1, 2, 1, 2, 3] with the repetitions (3, 4) routed, scales and routers away from their init."""
+    model = expand_model(copy.deepcopy(base), ExpansionPlan.slices("0-3,1-4", init=init, shared=True))
+    model = dlo.attach_routers(model, dlo.RoutingConfig(layers="new", capacity=0.5))
+    for module in model.modules():
+        if isinstance(module, ResidualScale):
+            torch.nn.init.uniform_(module.weight, 0.2, 0.8)
+    for layer in dlo.routed_layers(model):
+        torch.nn.init.normal_(layer.router.weight, std=1.0)
+    return model.eval()
+
+
+def test_materialised_export_loads_plain_with_the_same_logits(base, tmp_path):
+    model = routed_shared(base)
+    x = ids()
+    with torch.no_grad(), dlo.forced_routing(model, "run"):  # what a kept routed layer becomes: every token, g = 1
+        want = model(x).logits
+    exported = dlo.export_static(model, num_layers=6)
+    assert type(exported) is LlamaForCausalLM and not any(isinstance(m, ScaledProjection) for m in exported.modules())
+    layers = decoder_layers(exported)
+    assert layers[3].self_attn.q_proj.weight.data_ptr() != layers[1].self_attn.q_proj.weight.data_ptr()
+    memory = exported.config.dlo_export["memory"]
+    assert memory["source"]["parameters"] == count(model)
+    assert memory["export"]["parameters"] == count(expand_model(copy.deepcopy(base), ExpansionPlan.slices("0-3,1-4")))
+    exported.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(plain) is LlamaForCausalLM
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(plain(x).logits, want, atol=1e-5, rtol=0)
+
+
+def test_export_keeping_the_sharing(base, tmp_path):
+    model = routed_shared(base)
+    x = ids()
+    with torch.no_grad(), dlo.forced_routing(model, "run"), dlo.forced_routing(model, "skip", layers=[4]):
+        want = model(x).logits
+    dlo.set_capacity(model, [0.9, 0.1])  # layer 4 is the least used: dropped
+    exported = dlo.export_static(model, num_layers=5, keep_shared=True)
+    assert exported.config.dlo_export["dropped"] == [4]
+    assert exported.config.dlo_export["repetitions"] == {"shared": {"3": 1}, "materialised": []}
+    layers = decoder_layers(exported)
+    assert layers[3].self_attn.q_proj.weight is layers[1].self_attn.q_proj.weight
+    assert exported.config.dlo_export["memory"]["export"]["parameters"] == count(base) + 2 * base.config.hidden_size
+    exported.save_pretrained(tmp_path)
+    loaded = dlo.load_model(tmp_path)
+    assert decoder_layers(loaded)[3].mlp.gate_proj.weight is decoder_layers(loaded)[1].mlp.gate_proj.weight
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded.eval()(x).logits, want, atol=1e-5, rtol=0)
+
+
+def test_per_repetition_lora_relaxes_the_sharing_and_merges_into_its_own_copy(base):
+    from peft import LoraConfig, get_peft_model
+
+    model = routed_shared(base)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "o_proj", "down_proj"],
+                                            modules_to_save=["router", "residual_scale"], task_type="CAUSAL_LM"))
+    layers = decoder_layers(lora)
+    assert layers[3].self_attn.q_proj.lora_A is not layers[1].self_attn.q_proj.lora_A  # an adapter per repetition
+    assert layers[3].self_attn.q_proj.base_layer.weight is layers[1].self_attn.q_proj.base_layer.weight
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert any("residual_scale" in n for n in trainable) and any(".router." in n for n in trainable)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in trainable)
+    lora.train()
+    x = ids()
+    lora(input_ids=x, labels=x).loss.backward()
+    torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=1.0).step()
+    lora.eval()
+    with torch.no_grad(), dlo.forced_routing(lora, "run"):
+        want = lora(input_ids=x).logits
+    exported = dlo.export_static(lora, num_layers=6)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, want, atol=1e-5, rtol=0)
+
+
+def test_materialising_in_place_gives_the_copied_model(base, tmp_path):
+    model = routed_shared(base)
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    materialise_repetitions(model)
+    assert not any(isinstance(m, (ScaledProjection, ResidualScale)) for m in model.modules())
+    assert count(model) == count(expand_model(copy.deepcopy(base), ExpansionPlan.slices("0-3,1-4"))) + 2 * 65
+    model.save_pretrained(tmp_path / "routed")
+    unrouted = materialise_repetitions(expand_model(copy.deepcopy(base), ExpansionPlan.dus(4, 1, shared=True)))
+    assert type(unrouted) is LlamaForCausalLM
+    unrouted.save_pretrained(tmp_path / "plain")
+    with torch.no_grad():
+        torch.testing.assert_close(dlo.load_model(tmp_path / "routed").eval()(x).logits, want, atol=ATOL, rtol=0)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "plain")(x).logits,
+                                   unrouted(x).logits, atol=ATOL, rtol=0)
+
+
+def test_cli_expand_shared_mergekit_stores_each_layer_once(base, tmp_path, capsys):
+    from dlo.cli import main as cli_main
+
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    config = tmp_path / "merge.yml"
+    config.write_text(MERGEKIT.replace("tiny", str(tmp_path / "base")) + "dtype: bfloat16\n")
+    assert cli_main(["expand", "--mergekit", str(config), "--shared", "--init", "zero",
+                     "--output", str(tmp_path / "shared")]) == 0
+    printed = capsys.readouterr().out
+    assert "yes, shares layer 1" in printed and "shared repetitions" in printed
+    assert cli_main(["expand", "--mergekit", str(config), "--output", str(tmp_path / "copied")]) == 0
+    got = dlo.load_model(tmp_path / "shared")
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16).eval()  # rotary in fp32
+    want = expand_model(copy.deepcopy(bf16), PLANS["mergekit"]("zero", True))
+    assert got.dtype == torch.bfloat16
+    assert decoder_layers(got)[3].mlp.up_proj.weight is decoder_layers(got)[1].mlp.up_proj.weight
+    with torch.no_grad():
+        x = ids()
+        torch.testing.assert_close(got.eval()(x).logits, want(x).logits, atol=0, rtol=0)
+        torch.testing.assert_close(got(x).logits, bf16(x).logits, atol=0, rtol=0)  # scales 0: the base
+
+    def stored(name):
+        return os.path.getsize(tmp_path / name / "model.safetensors")
+
+    layer = sum(p.numel() for p in decoder_layers(base)[0].parameters()) * 2  # bf16 bytes
+    assert stored("copied") - stored("shared") > 4 * layer - 4 * 2 * 64 * 2  # 4 repeated layers, less their scales
+    assert cli_main(["expand", "--mergekit", str(config), "--shared", "--init", "slerp",
+                     "--output", str(tmp_path / "x")]) == 2
+    assert "--init='slerp' with --shared" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_report_and_flops_count_repetitions_as_the_copied_layers(base):
+    from dlo.report import build_report
+
+    model = routed_shared(base)
+    copied = untied(model)  # the same function with copied tensors: the same decisions
+    x = ids(B=2, T=12)
+    batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}]
+    shared_report, _ = build_report(model, batches, repeats=1, warmup=0, num_examples=0, progress=False)
+    copied_report, _ = build_report(copied, batches, repeats=1, warmup=0, num_examples=0, progress=False)
+    assert shared_report["flops"] == copied_report["flops"]
+    assert [layer["capacity"] for layer in shared_report["layers"]] == [layer["capacity"] for layer in
+                                                                         copied_report["layers"]]
+    assert 0 < shared_report["layers"][3]["capacity"] < 1

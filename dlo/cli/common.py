@@ -46,6 +46,11 @@ class ModelSource:
         return "dlo_routing" in self.config
 
     @property
+    def needs_dlo(self) -> bool:
+        """Routers or shared repetitions: the model class is dlo's (``dlo.load_model``)."""
+        return self.routed or "dlo_repetitions" in self.config
+
+    @property
     def label(self) -> str:
         """How outputs record the model: a local directory's absolute path, else the hub id as given."""
         return self.dir if os.path.isdir(self.ref) else self.ref
@@ -133,7 +138,7 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype):
     import dlo
 
     try:
-        if source.routed:
+        if source.needs_dlo:
             model = dlo.load_model(source.base_dir, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source.base_dir, dtype=dtype)

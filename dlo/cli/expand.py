@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dlo.checkpoints import check_output_dir, resolve_model_dir
 from dlo.errors import UserError
-from dlo.expansion import DEFAULT_INIT, INITS, STRATEGIES, ExpansionPlan
+from dlo.expansion import DEFAULT_INIT, INITS, SHARED_SCALE, STRATEGIES, ExpansionPlan
 from dlo.expansion_io import expand_checkpoint, load_base_config
 from dlo.model_card import write_model_card
 
@@ -35,6 +35,9 @@ def add_parser(subparsers):
     p.add_argument("--mergekit", metavar="FILE", help="Read the slices from a mergekit passthrough YAML.")
     p.add_argument("--init", help=f"Init of duplicated layers: {', '.join(INITS)} "
                                   "(default: zero for llama-pro, copy otherwise).")
+    p.add_argument("--shared", action="store_true",
+                   help="Duplicates reuse their source layer's weights (stored once; residual scales 0 with --init "
+                        "zero, 1 with copy); the output loads with dlo.load_model or trust_remote_code=True.")
     p.add_argument("--output", required=True, help="Directory of the expanded checkpoint (written atomically).")
     p.add_argument("--force", action="store_true", help="Replace a non-empty output directory.")
 
@@ -44,20 +47,26 @@ def run(args):
     strategy, init = check_options(args)
     check_output_dir(args.output, args.force)
     # The mergekit file is checked whole before any model is looked for; its slices name the default model.
-    mergekit = ExpansionPlan.from_mergekit(args.mergekit, init=init) if args.mergekit else None
+    mergekit = ExpansionPlan.from_mergekit(args.mergekit, init=init, shared=args.shared) if args.mergekit else None
     model_dir = resolve_model_dir(args.model or mergekit.params["mergekit"]["model"], args.revision)
     output = check_output_dir(args.output, args.force, inputs=[model_dir, *([args.mergekit] if mergekit else [])])
     config = load_base_config(model_dir)
     if mergekit:
-        plan = ExpansionPlan.from_mergekit(args.mergekit, init=init, num_layers=config.num_hidden_layers)
+        plan = ExpansionPlan.from_mergekit(args.mergekit, init=init, num_layers=config.num_hidden_layers,
+                                           shared=args.shared)
     else:
         params = {("ranges" if name == "slices" else name): getattr(args, name) for name in STRATEGY_OPTIONS[strategy]}
-        plan = ExpansionPlan.build(strategy, config.num_hidden_layers, init=init, **params)
+        plan = ExpansionPlan.build(strategy, config.num_hidden_layers, init=init, shared=args.shared, **params)
     print(plan.to_table())
     counts = expand_checkpoint(model_dir, plan, output, force=args.force)
     write_model_card(output, base_model=model_dir)
     before, after = counts["before"], counts["after"]
     print(f"parameters: {before:,} -> {after:,} ({(after - before) / before:+.1%})")
+    if plan.shared:
+        print(f"stored: {counts['stored_bytes']:,} bytes of tensors, each shared layer once")
+        print(f"wrote {output} ({len(plan.layers)} layers, {len(plan.new_indices)} shared repetitions; loads with "
+              "dlo.load_model, or AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+        return
     print(f"wrote {output} ({len(plan.layers)} layers; loads with AutoModelForCausalLM.from_pretrained, "
           "no custom code)")
 
@@ -75,6 +84,9 @@ def check_options(args) -> tuple[str, str]:
         raise UserError(f"--mergekit describes slices; it cannot be combined with --strategy {strategy}")
     if args.init is not None and args.init not in INITS:
         raise UserError(f"--init={args.init!r}: unknown init method; valid: {', '.join(INITS)}")
+    if args.shared and args.init not in (None, *SHARED_SCALE):
+        raise UserError(f"--init={args.init!r} with --shared: a shared repetition has no tensors of its own to blend; "
+                        f"valid: {', '.join(SHARED_SCALE)}")
     wanted = () if args.mergekit else STRATEGY_OPTIONS[strategy]
     given = [name for name in OPTION_FLAGS if getattr(args, name) is not None]
     extra = [OPTION_FLAGS[name].split()[0] for name in given if name not in wanted]

@@ -30,6 +30,9 @@ def add_parser(subparsers):
     p.add_argument("--max-samples", type=int, default=None, help="Read at most N records of --data (N >= 1).")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None, help="Default: min(512, max_position_embeddings).")
+    p.add_argument("--keep-shared", action="store_true",
+                   help="Keep shared repetitions shared (a dlo checkpoint: dlo.load_model or trust_remote_code); by "
+                        "default they are materialised as plain layers any tool loads.")
     p.add_argument("--force", action="store_true", help="Replace a non-empty output directory.")
 
 
@@ -53,6 +56,8 @@ def run(args):
     depth = source.config.get("num_hidden_layers")
     if args.num_layers is not None and depth is not None and args.num_layers > depth:
         raise UserError(f"--num-layers={args.num_layers}: {args.model} has {depth} layers; valid: 1..{depth}")
+    if args.keep_shared and "dlo_repetitions" not in source.config:
+        raise UserError(f"--keep-shared: {args.model} has no shared repetitions (config.json has no dlo_repetitions)")
     if args.min_capacity is not None and not source.routed:
         raise UserError(f"{args.model} has no routers, so --min-capacity has nothing to compare with; "
                         "use --num-layers N (with --data to rank the layers)")
@@ -71,7 +76,7 @@ def run(args):
         before = evaluate(model, batches, desc="evaluating before export")
         capacities, similarity = before.capacity or None, before.similarity
     exported = export_static(model, min_capacity=args.min_capacity, num_layers=args.num_layers,
-                             capacities=capacities, similarity=similarity)
+                             capacities=capacities, similarity=similarity, keep_shared=args.keep_shared)
     after = evaluate(exported, batches, desc="evaluating the export") if batches else None
     info = exported.config.dlo_export
     record = {
@@ -88,7 +93,10 @@ def run(args):
     path = save_export(exported, output, tokenizer, record, force=args.force)
     write_model_card(path)
     print(summary(record))
-    print(f"wrote {path} (loads with AutoModelForCausalLM.from_pretrained, no custom code)")
+    if (record.get("repetitions") or {}).get("shared"):
+        print(f"wrote {path} (shared repetitions: loads with dlo.load_model, or trust_remote_code=True)")
+    else:
+        print(f"wrote {path} (loads with AutoModelForCausalLM.from_pretrained, no custom code)")
 
 
 def summary(record: dict) -> str:
@@ -108,6 +116,13 @@ def summary(record: dict) -> str:
         lines.append("  kept routed layers now run every token, ungated")
     if not record["dropped"]:
         lines.append("  nothing dropped: the export only removes the routers")
+    repetitions = record.get("repetitions")
+    if repetitions:
+        still = {int(j): k for j, k in repetitions["shared"].items()}
+        lines.append(f"  shared repetitions: materialised {repetitions['materialised']}, still shared {still}")
+    source, export = record["memory"]["source"], record["memory"]["export"]
+    lines.append(f"memory: {source['parameters']:,} parameters ({source['bytes'] / 2**20:.1f} MiB) -> "
+                 f"{export['parameters']:,} ({export['bytes'] / 2**20:.1f} MiB), each tensor once")
     if record["eval"]:
         b, a = record["eval"]["before"], record["eval"]["after"]
         lines.append(f"eval on {record['eval']['tokens']} predicted tokens: loss {b['loss']:.4f} -> {a['loss']:.4f}, "
