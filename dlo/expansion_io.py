@@ -6,6 +6,10 @@ The output is a standard checkpoint (safetensors shards, config.json with the pr
 layer from the input shards into output shards, so at most one output shard and a couple of layers
 are in memory, never two models. The output is written through ``atomic_output_dir``: a failure
 leaves no output behind.
+
+A shared plan (repetitions reusing their source's weights, dlo/sharing.py) copies no tensor: the base is
+loaded whole, expanded in memory and saved by ``Dlo<Base>``, each shared tensor once; that checkpoint loads
+with ``dlo.load_model`` or ``trust_remote_code=True``.
 """
 
 from __future__ import annotations

@@ -85,11 +85,13 @@ def untied(model):
     return ref
 
 
-@pytest.mark.parametrize("init", ["zero", "copy"])
-def test_one_step_equals_copied_model_with_summed_duplicate_gradients(base, init):
+@pytest.mark.parametrize("init, checkpointing", [("zero", False), ("copy", False), ("copy", True)])
+def test_one_step_equals_copied_model_with_summed_duplicate_gradients(base, init, checkpointing):
     plan = ExpansionPlan.slices("0-3,1-4", init=init, shared=True)  # [0, 1, 2, 1, 2, 3]: 3 reuses 1, 4 reuses 2
     model = expand_model(copy.deepcopy(base), plan)
     model = dlo.attach_routers(model, dlo.RoutingConfig(layers="new", capacity=0.5, label="cos"))
+    if checkpointing:  # each use recomputed in backward: its gradient still reaches the one tensor
+        model.activation_checkpointing_enable({"use_reentrant": False})
     for layer in dlo.routed_layers(model):
         torch.nn.init.normal_(layer.router.weight, std=0.5)
     for module in model.modules():

@@ -2,7 +2,8 @@
 
 The output is a standard checkpoint that plain ``AutoModelForCausalLM.from_pretrained`` loads without
 custom code, streamed from the input shards layer by layer and written atomically
-(dlo/expansion_io.py).
+(dlo/expansion_io.py). With ``--shared`` the duplicates are repetitions stored once (dlo/sharing.py): a dlo
+checkpoint (``dlo.load_model``, or ``trust_remote_code=True``).
 """
 
 from __future__ import annotations

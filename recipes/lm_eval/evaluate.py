@@ -38,10 +38,13 @@ def load(path: str, capacity: str | None, device: str | None):
 
     dev, dtype = resolve_device(device, None)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-        routed = "dlo_routing" in json.load(fh)
+        config = json.load(fh)
+    routed = "dlo_routing" in config
     if capacity is not None and not routed:
         raise SystemExit(f"--capacity: {path} has no routers (it is not a routed dlo checkpoint)")
-    if routed:
+    if "dlo_repetitions" in config and not routed:  # shared repetitions: dlo's model class restores the sharing
+        model = dlo.load_model(path, dtype=dtype)
+    elif routed:
         values = [float(c) for c in capacity.split(",")] if capacity else None
         one_for_all = values is not None and len(values) == 1
         model = dlo.load_model(path, capacity=values[0] if one_for_all else values, dtype=dtype)
