@@ -26,6 +26,7 @@ sliding layer runs under it only while no window can cut (the sequence no longer
 from __future__ import annotations
 
 import torch
+from transformers.masking_utils import find_packed_sequence_indices
 
 from dlo.errors import UserError
 
@@ -80,8 +81,6 @@ def packed_examples(position_ids: torch.Tensor | None, attention_mask) -> torch.
     attends across the examples), and only where position ids restart (an example's positions count up by one)."""
     if position_ids is None or attention_mask is not None or position_ids.shape[-1] == 1:  # a decode step: one token
         return None
-    from transformers.masking_utils import find_packed_sequence_indices
-
     return find_packed_sequence_indices(position_ids)
 
 
