@@ -21,8 +21,9 @@ from pathlib import Path
 
 # The modules a routed model needs at run time (the closure of dlo/modeling.py's imports, this one included:
 # a model loaded through its checkpoint's code saves the same way).
-MODULES = ("modeling", "routing", "attention", "cache", "state", "losses", "config", "validation", "distributed",
-           "errors", "families", "schedules", "ops", "checkpoints", "remote_code", "sharing", "static_cache")
+MODULES = ("modeling", "routing", "attention", "exploration", "cache", "state", "losses", "config", "validation",
+           "distributed", "errors", "families", "schedules", "ops", "checkpoints", "remote_code", "sharing",
+           "static_cache")
 TWINS_FILE = "dlo_kernels_reference.py"  # the kernels' torch twins (triton_kernels/reference.py) in a checkpoint
 ENTRY = "modeling_dlo"
 CONFIGURATION = "configuration_dlo"

@@ -20,6 +20,7 @@ y = h + g * (F(h) - h), g = 1 + beta * (score - 1/2).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -43,6 +44,15 @@ from dlo.attention import (
     step_attention_mask,
 )
 from dlo.cache import RoutedLayer
+from dlo.exploration import (
+    Exploration,
+    KeyPrefix,
+    KeyRecorder,
+    measured_similarity,
+    own_key_only,
+    sample_skipped,
+    token_similarity,
+)
 from dlo.families import check_routable
 from dlo.ops import active_positions, flat_row_index, gather_rows, scatter_combine
 from dlo.static_cache import RoutedStaticLayer, static_step_mask
@@ -54,10 +64,6 @@ CACHE_KWARGS = ("cache", "past_key_values")
 FORCE_MODES = ("run", "skip")
 # Buffers a routed layer adds to the stock layer's tensors (kept fp32 whatever the model's dtype).
 ROUTING_BUFFERS = ("capacity", "score_quantiles")
-# Packed similarity source (docs/DESIGN.md §2.4): per row, this share of the packed width K goes to a random
-# sample of skipped tokens that run for their similarity only. It costs E/K of the layer; the sample sets the
-# skipped tokens' part of the similarity distribution (the label cut and the cos-global capacity shares).
-EXPLORE_SHARE = 1 / 16
 
 
 @dataclass
@@ -141,6 +147,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
     """Routing logic; instantiate through ``routed_layer_class(type(stock_layer))``."""
 
     _dlo_stock_class: type = nn.Module  # set on each concrete Routed<Stock> class
+    _dlo_cache_kwarg: str = "cache"  # the name under which the stock forward takes its cache (idem)
 
     def __init__(self, layer: nn.Module, *, layer_index: int, routed_index: int, capacity: float,
                  granularity: str, beta: float):
@@ -220,6 +227,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         out = self._dlo_stock_class.forward(self, x, attention_mask=attention_mask, position_ids=position_ids,
                                             position_embeddings=position_embeddings, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+    def _with_cache(self, kwargs: dict, cache) -> dict:
+        """The stock forward's keyword arguments with ``cache`` in place of the model's cache."""
+        kept = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+        return {**kept, self._dlo_cache_kwarg: cache}
 
     def _select(self, logits: torch.Tensor, valid: torch.Tensor | None, routing: RoutingInputs):
         """Choose the tokens that run: (idx, active, gate, capacity), or None when no token runs.
@@ -304,12 +316,12 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         key_ok = None if forced or (routing.training and valid is None) else active
         # Eval rows list active tokens first, so idx is arange(T) only when all are in (or T == 1).
         in_order = K == T and (key_ok is None or T == 1)
-        measure = routing.training and routing.similarity == "packed"
+        # A checkpointing recomputation keeps its forward's record: it need not measure (nor sample) again.
+        measure = routing.training and routing.similarity == "packed" and self.layer_index not in routing.records
         # A routed cache would book the explorers as stored tokens: sample only without one (a stock cache in
         # training already holds packed K/V no decode may read).
         explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index, routing.row_block) \
             if measure and not in_order and layer_cache is None else None
-        slots = idx if explore is None else torch.cat([idx, explore.idx], 1)  # (B, S): S = K + E
         config = self.self_attn.config
         # The model separates packed examples only without a cache (transformers' rule).
         examples = None if any(kwargs.get(k) is not None for k in CACHE_KWARGS) else routing.example_ids
@@ -323,7 +335,6 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
                 check_block_attention(config._attn_implementation, samples_skipped=True)
             if not in_order:  # flash_varlen wants each row's running tokens first
                 idx, active, gate = running_first(idx, active, gate)
-                slots = idx
         if layer_cache is not None:
             # Queries attend the tokens this layer stored for their row, the chunk's selected ones included. The
             # model sized its mask for this chunk as the cache layer does before booking it (for a sliding window
@@ -338,8 +349,6 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             else:
                 mask = position_mask(idx + offset, layer_cache.slots, layer_cache.valid, window, attention_mask,
                                      additive)
-        elif explore is not None:
-            mask = exploration_mask(attention_mask, slots, key_ok, K)
         elif in_order and key_ok is None:
             mask = attention_mask
         elif path == FLASH:
@@ -349,26 +358,30 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             # Running tokens first (dlo/attention.py): plain causal attention, no (B, heads, K, K) mask.
             if key_ok is not None:
                 idx, active, gate = running_first(idx, active, gate)
-            slots, mask = idx, None
+            mask = None
         elif path == REFERENCE:
             mask = packed_attention_mask(attention_mask, idx, idx, key_ok)
         else:
             mask = position_mask(idx, idx, key_ok, window, attention_mask, additive, examples)
         if varlen:
             kwargs = {**kwargs, **varlen}
+        keys = None if explore is None else KeyRecorder(_model_cache(kwargs))  # the running K/V, for the sample
         if in_order:  # no gather needed
             f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
             y = h + gate.unsqueeze(-1).to(h.dtype) * (f - h)
             h_slots, f_slots = h, f
         else:
-            S = slots.shape[1]
-            h_slots = gather_rows(h.reshape(B * T, d), flat_row_index(slots, T)).view(B, S, d)
-            pos = _gather_positions(position_ids, slots, B, T)
-            pe = _gather_rotary(position_embeddings, slots)
-            f_slots = self._stock(h_slots, mask, pos, pe, kwargs)  # (B, S, d)
+            h_slots = gather_rows(h.reshape(B * T, d), flat_row_index(idx, T)).view(B, K, d)
+            pos = _gather_positions(position_ids, idx, B, T)
+            pe = _gather_rotary(position_embeddings, idx)
+            f_slots = self._stock(h_slots, mask, pos, pe, kwargs if keys is None else self._with_cache(kwargs, keys))
             y = combine_running(h, f_slots, gate, idx)
         if measure:
-            similarity, weight = slot_similarity(h_slots, f_slots, slots, slot_weights(active, explore), T)
+            explored = None if explore is None else self._explore(h, idx, active, explore, keys, path, examples,
+                                                                 attention_mask, position_ids, position_embeddings,
+                                                                 kwargs)
+            similarity, weight = measured_similarity(token_similarity(h_slots, f_slots), idx, active, explore,
+                                                     explored, T)
         self._record(routing, logits, idx, active, valid, capacity, similarity, weight)
         return y
 
@@ -376,6 +389,31 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         """How this layer's packed batch attends (dlo/attention.py): causal, positions, reference or flash."""
         return attention_path(self.self_attn.config, self.layer_index, attention_mask, routing.token_mask, seq_len,
                               cached, examples)
+
+    @torch.no_grad()
+    def _explore(self, h, idx, active, explore: Exploration, keys: KeyRecorder, path: str, examples,
+                 attention_mask, position_ids, position_embeddings, kwargs) -> torch.Tensor:
+        """cos(h, F(h)) (B, E) of the sampled skipped tokens: the stock forward on them alone, each attending the
+        running slots' K/V (``keys``, from the running call) its position may see, and its own. Its mask is built
+        as the running call's ``path`` builds masks: from the model's mask (reference) or from positions (and
+        ``examples``, the packed examples of the row, as there)."""
+        B, T, d = h.shape
+        K = idx.shape[1]
+        h_explore = gather_rows(h.reshape(B * T, d), flat_row_index(explore.idx, T)).view(B, -1, d)  # (B, E, d)
+        key_slots = torch.cat([idx, explore.idx], 1)  # (B, K + E): running keys, then the explorers'
+        key_ok = torch.cat([active, torch.ones_like(explore.ok)], 1)
+        config = self.self_attn.config
+        if path == REFERENCE:
+            mask = packed_attention_mask(attention_mask, explore.idx, key_slots, key_ok)
+        else:
+            additive = h.dtype if config._attn_implementation == "eager" else None
+            mask = position_mask(explore.idx, key_slots, key_ok, layer_window(config, self.layer_index),
+                                 attention_mask, additive, examples)
+        mask = own_key_only(mask, K)  # (B, h, E, K + E)
+        f = self._stock(h_explore, mask, _gather_positions(position_ids, explore.idx, B, T),
+                        _gather_rotary(position_embeddings, explore.idx),
+                        self._with_cache(kwargs, KeyPrefix(keys.keys, keys.values)))
+        return token_similarity(h_explore, f)
 
     def _decode_step(self, h, position_ids, position_embeddings, attention_mask, routing, kwargs, layer_cache):
         """One new token per row over a routed cache: fixed shapes, no host sync (docs/GENERATION.md).
@@ -426,7 +464,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         A stock cache gets this layer's packed K/V, which is only harmless while it is empty (one
         cache-filling forward, e.g. training with use_cache on): decoding from it would be wrong.
         """
-        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        cache = _model_cache(kwargs)
         if cache is None:
             return None
         layer = cache.layers[self.layer_index] if self.layer_index < len(cache.layers) else None
@@ -465,135 +503,36 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             return x
         idx, active, gate = decision
         K = idx.shape[1]
-        measure = routing.training and routing.similarity == "packed"
+        measure = routing.training and routing.similarity == "packed" and self.layer_index not in routing.records
         explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index, routing.row_block) \
             if measure and K < T else None
         if K == T:  # every position is in the packed index (in some order): run the MLP in place
             gate_by_position = torch.zeros(B, T, dtype=gate.dtype, device=gate.device).scatter(1, idx, gate)
             update = self.mlp(self.post_attention_layernorm(x))
             y = x + gate_by_position.unsqueeze(-1).to(x.dtype) * update
-            slots, x_slots, f_slots = idx, x, x + update  # training: idx is arange(T) here, slots in position order
+            x_slots, f_slots = x, x + update  # training: idx is arange(T) here, slots in position order
         else:
-            slots = idx if explore is None else torch.cat([idx, explore.idx], 1)  # (B, S): S = K + E
-            S = slots.shape[1]
-            x_slots = gather_rows(x.reshape(B * T, d), flat_row_index(slots, T)).view(B, S, d)
-            f_slots = self._mlp_update(x_slots)  # (B, S, d): a token's MLP sees only itself
+            x_slots = gather_rows(x.reshape(B * T, d), flat_row_index(idx, T)).view(B, K, d)
+            f_slots = self._mlp_update(x_slots)  # (B, K, d): a token's MLP sees only itself
             y = combine_running(x, f_slots, gate, idx)
         if measure:
-            similarity, weight = slot_similarity(x_slots, f_slots, slots, slot_weights(active, explore), T)
+            explored = None
+            if explore is not None:
+                with torch.no_grad():
+                    x_explore = gather_rows(x.reshape(B * T, d), flat_row_index(explore.idx, T)).view(B, -1, d)
+                    explored = token_similarity(x_explore, self._mlp_update(x_explore))  # (B, E)
+            similarity, weight = measured_similarity(token_similarity(x_slots, f_slots), idx, active, explore,
+                                                     explored, T)
         self._record(routing, logits, idx, active, valid, capacity, similarity, weight)
         return y
 
 
-@dataclass
-class Exploration:
-    """Skipped tokens run in the packed batch for their similarity only: gate 0, no other token attends them."""
-
-    idx: torch.Tensor  # (B, E) positions of the sampled skipped tokens
-    ok: torch.Tensor  # (B, E) bool: a real sample (False: the row had fewer than E skipped tokens)
-    weight: torch.Tensor  # (B,) float: the row's skipped tokens each sample stands for
-
-
-@torch.compiler.disable
-def sample_skipped(idx: torch.Tensor, active: torch.Tensor, valid: torch.Tensor | None, seq_len: int, seed: int,
-                   layer_index: int, row_block: int = 0) -> Exploration | None:
-    """Per row, ceil(k * EXPLORE_SHARE) of its valid skipped tokens drawn uniformly (k: the tokens the row runs),
-    inside a static width E = ceil(K * EXPLORE_SHARE); None when the packed width leaves no token skipped.
-
-    A token's draw hashes (seed, layer, its row in the step's global batch, its position) instead of reading a
-    generator: a gradient-checkpointing recomputation draws the same sample, the model's own randomness (dropout)
-    is left untouched, and N ranks or accumulated micro-batches (of equal size) sample exactly what one process
-    with the step's whole batch samples, whatever width each batch is padded to.
-    """
-    B, K = idx.shape
-    width = min(seq_len - K, math.ceil(K * EXPLORE_SHARE))  # no row has more skipped tokens than T - K
-    if width <= 0:
-        return None
-    device = idx.device
-    ran = torch.zeros(B, seq_len, dtype=torch.bool, device=device).scatter_(1, idx, active)
-    skipped = ~ran if valid is None else valid & ~ran
-    rows = torch.arange(B, device=device) + row_block * B
-    draw = token_uniform(seed * 1_000_003 + layer_index, rows, torch.arange(seq_len, device=device))
-    top = draw.masked_fill(~skipped, -1.0).topk(width, dim=1)
-    wanted = torch.ceil(active.sum(1) * EXPLORE_SHARE).long()  # the row's own share, not the padded width's
-    ok = (top.values >= 0) & (torch.arange(width, device=device) < wanted.unsqueeze(1))
-    weight = skipped.sum(1) / ok.sum(1).clamp(min=1)
-    return Exploration(idx=top.indices, ok=ok, weight=weight.float())
-
-
-_MASK31 = (1 << 31) - 1
-_MULTIPLIERS = (0x2C1B3C6D, 0x297A2D39)  # odd and below 2**31: a product of two 31-bit values fits in int64
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """An integer hash of 31-bit values (xor-shift-multiply rounds), elementwise."""
-    for multiplier in _MULTIPLIERS:
-        x = ((x ^ (x >> 15)) * multiplier) & _MASK31
-    return x ^ (x >> 15)
-
-
-def token_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(R, C) draws in [0, 1), each a function of (seed, row, column) alone: the same on any device and in any
-    batch shape (a generator's stream depends on the shape, and on CUDA on the launch)."""
-    keyed = _mix(rows.long() ^ _mix(torch.tensor(seed & _MASK31, device=rows.device)))
-    return _mix(keyed.unsqueeze(1) ^ cols.long().unsqueeze(0)).double() / (_MASK31 + 1)
-
-
-def exploration_mask(full_mask, slots: torch.Tensor, key_ok: torch.Tensor | None, packed: int):
-    """Attention mask of a packed batch [K running slots, E explorer slots] (slots (B, K + E) positions).
-
-    The running slots see exactly the keys ``packed_attention_mask(full_mask, idx, idx, key_ok)`` gives them;
-    an explorer sees those keys its position may see, and itself, as if it had been selected; no query sees
-    an explorer, so no running token's output (or gradient) depends on the sample.
-    """
-    B, S = slots.shape
-    every = torch.ones(B, S, dtype=torch.bool, device=slots.device)
-    causal = packed_attention_mask(full_mask, slots, slots, every)  # (B, h, S, S): the model's mask, no key hidden
-    allowed = causal if causal.dtype == torch.bool else causal == 0
-    running_key = every.clone()
-    running_key[:, packed:] = False
-    if key_ok is not None:
-        running_key[:, :packed] = key_ok
-    itself = torch.eye(S, dtype=torch.bool, device=slots.device)
-    itself[:packed] = False
-    allowed = allowed & (running_key[:, None, None, :] | itself)
-    allowed[..., 0] |= ~allowed.any(-1)  # as packed_attention_mask: a query seeing nothing reads key 0, gate 0
-    if causal.dtype == torch.bool:
-        return allowed
-    return torch.where(allowed, 0.0, torch.finfo(causal.dtype).min).to(causal.dtype)
-
-
 def combine_running(h: torch.Tensor, f_slots: torch.Tensor, gate: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """y (B, T, d) from the running slots, the first K of f_slots (B, S, d); explorer slots stay out of it."""
+    """y (B, T, d) from the running slots' outputs f_slots (B, K, d) at positions idx (B, K)."""
     B, T, d = h.shape
     K = idx.shape[1]
-    f = f_slots[:, :K].reshape(B * K, d)
+    f = f_slots.reshape(B * K, d)
     return scatter_combine(h.reshape(B * T, d), f, gate.reshape(-1), flat_row_index(idx, T)).view(B, T, d)
-
-
-def slot_weights(active: torch.Tensor, explore: Exploration | None) -> torch.Tensor:
-    """(B, S) valid tokens each slot's similarity stands for: 1 per running token, 0 per inactive slot, a
-    sampled skipped token its row's skipped count over its samples."""
-    weights = active.float()
-    if explore is None:
-        return weights
-    return torch.cat([weights, explore.ok * explore.weight.unsqueeze(1)], 1)
-
-
-@torch.no_grad()
-def slot_similarity(h_slots: torch.Tensor, f_slots: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
-                    seq_len: int):
-    """(similarity, weight), each (B, T): cos(h, F(h)) of every slot with weight > 0, at its position.
-
-    Elsewhere similarity is +inf (not measured: above any cut, so labelled 'skip', as the router decided) and
-    weight 0. A position may fill two slots (an inactive running slot and a sample); the measured one wins.
-    """
-    cos = torch.nn.functional.cosine_similarity(h_slots.float(), f_slots.float(), dim=-1)  # (B, S)
-    cos = cos.masked_fill(weights == 0, float("inf"))
-    B = slots.shape[0]
-    similarity = cos.new_full((B, seq_len), float("inf")).scatter_reduce(1, slots, cos, "amin")
-    weight = weights.new_zeros((B, seq_len)).scatter_reduce(1, slots, weights, "amax")
-    return similarity, weight
 
 
 _ROUTED_LAYER_CLASSES: dict[type, type] = {}
@@ -604,9 +543,19 @@ def routed_layer_class(stock_class: type) -> type:
     if stock_class not in _ROUTED_LAYER_CLASSES:
         _ROUTED_LAYER_CLASSES[stock_class] = type(
             f"Routed{stock_class.__name__}", (RoutedDecoderLayer, stock_class),
-            {"__module__": __name__, "_dlo_stock_class": stock_class},
+            {"__module__": __name__, "_dlo_stock_class": stock_class, "_dlo_cache_kwarg": _cache_kwarg(stock_class)},
         )
     return _ROUTED_LAYER_CLASSES[stock_class]
+
+
+def _model_cache(kwargs):
+    """The cache the model handed the layer (under either name), or None."""
+    return next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+
+
+def _cache_kwarg(stock_class: type) -> str:
+    """The name under which ``stock_class.forward`` takes its cache."""
+    return "cache" if "cache" in inspect.signature(stock_class.forward).parameters else "past_key_values"
 
 
 def _gather_positions(position_ids, idx, B, T):

@@ -82,6 +82,35 @@ def test_running_tokens_similarity_is_their_packed_computation(tiny_llama_config
     assert torch.all(record.similarity_weight.gather(1, idx) == 1)
 
 
+def test_sampled_tokens_similarity_is_their_computation_as_if_selected(tiny_llama_config):
+    """A sampled skipped token's similarity: the stock layer run on the row's running tokens before it, then it
+    (plain causal attention over exactly those keys), read at its own slot."""
+    model = _routed(tiny_llama_config)
+    layer = dlo.routed_layers(model)[1]
+    inputs = {}
+    handle = layer.register_forward_pre_hook(
+        lambda m, args, kw: inputs.update(h=kw.get("hidden_states", args[0]), pos=kw.get("position_ids")),
+        with_kwargs=True)
+    batch = _batch(tiny_llama_config.vocab_size)
+    with torch.no_grad():
+        record = model(**batch).routing[1]
+    handle.remove()
+    h, d = inputs["h"], inputs["h"].shape[-1]
+    positions = inputs["pos"].expand(h.shape[:2])
+    sampled = (record.similarity_weight > 0) & ~record.selected
+    assert sampled.sum() >= 4
+    for b, t in sampled.nonzero().tolist():
+        context = torch.cat([record.selected[b, :t].nonzero()[:, 0], torch.tensor([t])])  # (n,) ascending
+        x = h[b, context].view(1, -1, d)
+        pos = positions[b, context].view(1, -1)
+        with torch.no_grad():
+            f = layer._dlo_stock_class.forward(layer, x, attention_mask=None, position_ids=pos,
+                                               position_embeddings=model.model.rotary_emb(x, pos))
+        f = f[0] if isinstance(f, tuple) else f
+        direct = torch.nn.functional.cosine_similarity(x[0, -1], f[0, -1], dim=-1)
+        torch.testing.assert_close(record.similarity[b, t], direct, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("granularity", ["block", "mlp"])
 def test_sample_changes_no_output_or_gradient(tiny_llama_config, granularity):
     """With the router loss weighted 0, a packed-source cos-global forward equals a 'self' one, grads included."""
