@@ -341,11 +341,15 @@ def match_training_flops(cfg: StudyConfig, seq_len: float):
 # -- training ---------------------------------------------------------------------------------------------------
 
 
+def finished(cfg: StudyConfig, arm: Arm, seed: int) -> bool:
+    return os.path.isfile(os.path.join(cfg.run_dir(arm, seed), "final", "summary.json"))
+
+
 def train_run(cfg: StudyConfig, arm: Arm, seed: int, config_path: str) -> bool:
     """Train ``arm`` with ``seed`` unless its final model exists; True when it trained now."""
     out = cfg.run_dir(arm, seed)
     recipe = cfg.run_recipe(arm, seed)
-    if os.path.isfile(os.path.join(out, "final", "summary.json")):
+    if finished(cfg, arm, seed):
         _check_recorded_config(arm, recipe, out)
         return False
     resume = os.path.isdir(out) and get_last_checkpoint(out) is not None
@@ -667,6 +671,12 @@ def interval(values: list[float]) -> dict:
     return {"mean": mean, "ci95": half, "n": n, "values": values}
 
 
+def with_references(rows: list[dict], cfg: StudyConfig) -> list[dict]:
+    """The rows of the seeds whose base and dense runs were measured (the shares are relative to them)."""
+    names = {(r["name"], r["seed"]) for r in rows}
+    return [r for r in rows if {(cfg.static.base, r["seed"]), (cfg.static.dense, r["seed"])} <= names]
+
+
 def add_shares(rows: list[dict], cfg: StudyConfig):
     """Per row: the share of the dense expansion's eval-loss gain it keeps, and of the added FLOPs it spends,
     against the base and dense models of the same seed."""
@@ -686,6 +696,8 @@ def summarise(rows: list[dict], cfg: StudyConfig, data: EvalData) -> list[dict]:
     summary = []
     for name in model_names(cfg):
         mine = [r for r in rows if r["name"] == name]
+        if not mine:  # not trained (yet): --no-train leaves unfinished runs out
+            continue
         first = mine[0]
         entry = {"name": name, "kind": first["kind"], "label": first["label"], "num_layers": first["num_layers"],
                  "parameters": first["parameters"], "seeds": [r["seed"] for r in mine]}
@@ -708,6 +720,8 @@ def paired_differences(rows: list[dict], cfg: StudyConfig, data: EvalData) -> li
     out = []
     for a, b in cfg.compare:
         seeds = [s for s in cfg.seeds if (a, s) in by and (b, s) in by]
+        if not seeds:
+            continue
         out.append({"a": a, "b": b, **{k: interval([by[(a, s)][k] - by[(b, s)][k] for s in seeds]) for k in keys}})
     return out
 
@@ -723,17 +737,19 @@ def preregistered(rows: list[dict], cfg: StudyConfig, groups: list[str]) -> dict
     ``groups`` is [prompt, easy, ..., hard]: the first answer group is the easy one, the last the hard one.
     """
     by = {(r["name"], r["seed"]): r for r in rows}
-    base, dense, seeds = cfg.static.base, cfg.static.dense, cfg.seeds
+    base, dense = cfg.static.base, cfg.static.dense
+    seeds = sorted({r["seed"] for r in rows})  # those with base and dense (with_references)
     easy, hard = groups[1], groups[-1]
 
-    def paired(a: str, b: str, key: str) -> dict:
-        return interval([by[(a, s)][key] - by[(b, s)][key] for s in seeds])
+    def paired(a: str, b: str, key: str, over: list[int] = seeds) -> dict:
+        return interval([by[(a, s)][key] - by[(b, s)][key] for s in over])
 
     base_loss = [by[(base, s)]["eval_loss"] for s in seeds]
     gain, hard_gain = paired(base, dense, "eval_loss"), paired(dense, base, f"accuracy_{hard}")
     gap = interval([by[(base, s)][f"loss_{hard}"] - by[(base, s)][f"loss_{easy}"] for s in seeds])
     testbed = {"gain": gain, "gain_relative": gain["mean"] / statistics.fmean(base_loss),
-               "hard_accuracy_gain": hard_gain, "base_eval_loss_sd": statistics.stdev(base_loss),
+               "hard_accuracy_gain": hard_gain,
+               "base_eval_loss_sd": statistics.stdev(base_loss) if len(base_loss) > 1 else math.nan,
                "hard_minus_easy_loss_of_base": gap}
     testbed["checks"] = {
         "gain interval excludes zero": gain["mean"] - gain["ci95"] > 0,
@@ -746,18 +762,21 @@ def preregistered(rows: list[dict], cfg: StudyConfig, groups: list[str]) -> dict
     for arm in cfg.arms:
         if arm.kind != "dlo" or arm.recipe["routing"].get("capacity") != QUESTION_CAPACITY:
             continue
-        if not all((arm.name, s) in by for s in seeds):
+        mine = [s for s in seeds if (arm.name, s) in by]
+        if len(mine) < 2:  # no interval without two seeds
             continue
-        shares = {key: interval([by[(arm.name, s)][key] for s in seeds]) for key in ("gain_share", "compute_share")}
+        shares = {key: interval([by[(arm.name, s)][key] for s in mine]) for key in ("gain_share", "compute_share")}
         static = [f"shortgpt-{n}L" for n in cfg.static.num_layers]
         static += [f"{arm.name}/usage-{n}L" for n in cfg.static.num_layers]
-        versus = {name: paired(arm.name, name, "eval_loss") for name in static if (name, seeds[0]) in by}
+        versus = {name: paired(arm.name, name, "eval_loss", mine) for name in static
+                  if all((name, s) in by for s in mine)}
         checks = {f"keeps >= {KEEP_AT_LEAST:.0%} of the gain": shares["gain_share"]["mean"] >= KEEP_AT_LEAST,
                   f"spends <= {SPEND_AT_MOST:.0%} of the added compute":
                       shares["compute_share"]["mean"] <= SPEND_AT_MOST}
         checks |= {f"lower eval loss than {name} (interval below zero)": d["mean"] + d["ci95"] < 0
                    for name, d in versus.items()}
-        question.append({"arm": arm.name, "label": by[(arm.name, seeds[0])]["label"], **shares, "versus": versus,
+        question.append({"arm": arm.name, "seeds": mine, "label": by[(arm.name, mine[0])]["label"], **shares,
+                         "versus": versus,
                          "checks": checks, "yes": all(checks.values())})
     return {"testbed": testbed, "question": question}
 
@@ -772,8 +791,8 @@ def preregistered_text(verdict: dict) -> str:
     lines += [f"- {name}: {'yes' if ok else 'NO'}" for name, ok in t["checks"].items()]
     lines += ["", f"The testbed criterion {'holds' if t['holds'] else 'does NOT hold'}.", ""]
     for q in verdict["question"]:
-        lines += [f"{q['arm']} ({q['label']}): gain kept {_pm(q['gain_share'], 100, 1)}%, added compute "
-                  f"{_pm(q['compute_share'], 100, 1)}%; eval loss minus "
+        lines += [f"{q['arm']} ({q['label']}, seeds {q['seeds']}): gain kept {_pm(q['gain_share'], 100, 1)}%, "
+                  f"added compute {_pm(q['compute_share'], 100, 1)}%; eval loss minus "
                   + ", ".join(f"{name} {_pm(d)}" for name, d in q["versus"].items()) + ".", ""]
         lines += [f"- {name}: {'yes' if ok else 'NO'}" for name, ok in q["checks"].items()]
         lines += ["", f"Answer for {q['arm']}: {'YES' if q['yes'] else 'NO'}.", ""]
@@ -801,6 +820,7 @@ def _capacity_text(entry: dict) -> str:
 
 def markdown_tables(summary: list[dict], pairs: list[dict], groups: list[str]) -> str:
     divisor, unit = flop_unit(max(e["flops_per_token"]["mean"] for e in summary))
+    most = max(len(e["seeds"]) for e in summary)
     group_cols = " | ".join(f"{g} acc | {g} loss" for g in groups[1:])
     lines = [f"| model | kind | layers | realised capacity / dropped | eval loss | {group_cols} | exact match "
              f"| {unit}/token | gain kept | added compute | gain kept / added compute | prefill ms "
@@ -809,7 +829,8 @@ def markdown_tables(summary: list[dict], pairs: list[dict], groups: list[str]) -
     for e in summary:
         kind = e["kind"] + (f" ({e['label']})" if e["label"] else "")
         group_values = " | ".join(f"{_pm(e['accuracy_' + g])} | {_pm(e['loss_' + g])}" for g in groups[1:])
-        lines.append(f"| {e['name']} | {kind} | {e['num_layers']} | {_capacity_text(e)} | {_pm(e['eval_loss'])} "
+        name = e["name"] + (f" (seeds {e['seeds']})" if len(e["seeds"]) < most else "")
+        lines.append(f"| {name} | {kind} | {e['num_layers']} | {_capacity_text(e)} | {_pm(e['eval_loss'])} "
                      f"| {group_values} | {_pm(e['exact_match'])} | {_pm(e['flops_per_token'], 1 / divisor)} "
                      f"| {_pm(e['gain_share'], 100, 1)}% | {_pm(e['compute_share'], 100, 1)}% "
                      f"| {_pm(e['gain_per_compute'], 1, 2)} "
@@ -994,6 +1015,9 @@ def _write_json(path: str, value: dict):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="study YAML (see recipes/configs/study_depth.yaml)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="train nothing: measure and report the runs that have finished (e.g. while another "
+                             "process trains the rest); unfinished runs are left out of every table")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys into sections")
     return parser.parse_args(argv)
 
@@ -1014,10 +1038,15 @@ def main(argv=None):
     timing_settings = dataclasses.asdict(cfg.timing)
     timed_seeds = cfg.seeds[:cfg.timing.seeds]
     runs = [(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
-    configs = [write_run_config(cfg, arm, seed, args.config) for arm, seed in runs]
-    print(f"[study] {len(runs)} runs of {len(cfg.arms)} arms, {cfg.workers} at a time", flush=True)
-    with concurrent.futures.ThreadPoolExecutor(cfg.workers) as pool:  # each thread waits on one sft.py process
-        trained = list(pool.map(lambda run, path: train_run(cfg, *run, path), runs, configs))
+    if args.no_train:
+        runs = [(arm, seed) for arm, seed in runs if finished(cfg, arm, seed)]
+        trained = [False] * len(runs)
+        print(f"[study] --no-train: measuring the {len(runs)} finished runs", flush=True)
+    else:
+        configs = [write_run_config(cfg, arm, seed, args.config) for arm, seed in runs]
+        print(f"[study] {len(runs)} runs of {len(cfg.arms)} arms, {cfg.workers} at a time", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(cfg.workers) as pool:  # each thread waits on one sft.py process
+            trained = list(pool.map(lambda run, path: train_run(cfg, *run, path), runs, configs))
     rows, untimed, caches = [], [], {}
     for (arm, seed), fresh in zip(runs, trained):
         cache_path = os.path.join(cfg.run_dir(arm, seed), "results.json")
@@ -1040,6 +1069,7 @@ def main(argv=None):
             if cache["rows"][0]["seed"] in timed_seeds:
                 cache["timing_settings"] = timing_settings
                 _write_json(path, cache)
+    rows = with_references(rows, cfg)
     add_shares(rows, cfg)
     bad = [(r["name"], r["seed"], k) for r in rows for k in ("eval_loss", "exact_match", "flops_per_token")
            if not math.isfinite(r[k])]

@@ -172,6 +172,12 @@ def test_a_rerun_resumes_the_stopped_run_alone(study):
     for path in (stopped / "final").iterdir():
         path.unlink()
     (stopped / "final").rmdir()
+    # --no-train reports the finished runs only: seed 1 has no dense reference now, so only seed 0 is left.
+    proc = run_study(study_dir, "--no-train")
+    assert ": training" not in proc.stdout and "measuring the 5 finished runs" in proc.stdout, proc.stdout
+    partial = study_json(study_dir)
+    assert {row["seed"] for row in partial["rows"]} == {0} and len(partial["rows"]) == len(MODELS)
+    assert not partial["preregistered"]["testbed"]["holds"] and partial["preregistered"]["question"] == []
     proc = run_study(study_dir)
     assert "seed 1: training (resuming from checkpoint-2)" in proc.stdout, proc.stdout
     assert proc.stdout.count(": training") == 1 and "building the testbed" not in proc.stdout, proc.stdout
