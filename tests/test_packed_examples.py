@@ -59,18 +59,20 @@ def test_packing_restarts_positions_and_drops_the_cross_example_target():
     assert (labels != IGNORE_INDEX).sum() == labels.numel() - len(starts)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["training", "threshold"])
 @pytest.mark.parametrize("name", ["llama", "mistral-window-6"])
-def test_packed_rows_equal_the_reference_mask_path(tiny_llama_config, monkeypatch, logits_and_grads, name):
+def test_packed_rows_equal_the_reference_mask_path(tiny_llama_config, monkeypatch, logits_and_grads, name, train):
     model = _model(tiny_llama_config, name)
+    dlo.calibrate(model, [{"input_ids": torch.randint(3, 97, (4, T))}], progress=False)
     _, batch = _packed_batch()
     seen = set()
     original = RoutedDecoderLayer._attention_path
     monkeypatch.setattr(RoutedDecoderLayer, "_attention_path",
                         lambda self, *args: seen.add(original(self, *args)) or original(self, *args))
-    fast = logits_and_grads(copy.deepcopy(model), batch, True)
+    fast = logits_and_grads(copy.deepcopy(model), batch, train)
     assert seen == {attention.POSITIONS}
     monkeypatch.setattr(RoutedDecoderLayer, "_attention_path", lambda self, *args: attention.REFERENCE)
-    want = logits_and_grads(copy.deepcopy(model), batch, True)
+    want = logits_and_grads(copy.deepcopy(model), batch, train)
     torch.testing.assert_close(fast[0], want[0], atol=1e-5, rtol=0)
     for key, grad in want[1].items():
         torch.testing.assert_close(fast[1][key], grad, atol=1e-5, rtol=1e-4, msg=key)

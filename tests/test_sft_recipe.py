@@ -143,6 +143,15 @@ def test_lora_with_routers_saves_and_merges(tmp_path):
     assert len(dlo.routed_layers(model)) == 2
 
 
+def test_packed_examples_train_and_save_a_model_that_generates_with_its_cache(tmp_path):
+    out = tmp_path / "packed"
+    run_recipe(out, "training.max_steps=4", "data.packing=true")
+    summary = json.loads((out / "final" / "summary.json").read_text())
+    assert summary["data"]["train"]["packed_blocks"] > 0 and summary["steps"] == 4
+    # Training ran without a KV cache (so transformers kept the examples apart); the saved model has it back.
+    assert json.loads((out / "final" / "config.json").read_text())["use_cache"] is True
+
+
 def test_clear_errors(tmp_path):
     bad_key = run_recipe(tmp_path / "a", "routing.capacty=0.3", check=False)
     assert bad_key.returncode != 0 and "did you mean 'capacity'" in bad_key.stderr
