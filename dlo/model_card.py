@@ -235,13 +235,16 @@ def _layer_section(config: dict) -> str:
     expansion = config.get("dlo_expansion") or {}
     export = config.get("dlo_export")
     routed = set((config.get("dlo_routing") or {}).get("routed_layers", []))
+    reuses = {e["layer"]: e["reuses"] for e in (config.get("dlo_repetitions") or {}).get("layers", [])}
     entries = expansion.get("layers", [])
     lines = ["## Layers"]
     if expansion.get("strategy"):
         params = ", ".join(f"{k}={_cell(v)}" for k, v in expansion.get("params", {}).items()) or "none"
         lines.append(f"Expansion: strategy `{expansion['strategy']}` ({params}), "
                      f"{expansion['base_num_layers']} -> {len(entries)} layers. A *new* layer duplicates a base "
-                     "layer that already occurs earlier in the map.")
+                     "layer that already occurs earlier in the map."
+                     + (" A shared one reuses that layer's weights (stored once), with residual scales of its own."
+                        if reuses else ""))
     usage = export.get("usage", {}) if export else {}
     header = ["layer", *(["source layer", "source capacity"] if export else []),
               *(["base layer", "init", "new"] if entries else []), *(["routed"] if routed else [])]
@@ -250,7 +253,8 @@ def _layer_section(config: dict) -> str:
         row = [i, *([source, f"{usage[str(source)]:.3f}" if str(source) in usage else "unrouted"] if export else [])]
         if entries:
             entry = entries[source]
-            row += [entry["source"], entry["init"], "yes" if entry["new"] else "no"]
+            new = f"yes, shares layer {reuses[i]}" if i in reuses else "yes" if entry["new"] else "no"
+            row += [entry["source"], entry["init"], new]
         rows.append(row + (["yes" if i in routed else "no"] if routed else []))
     lines.append(_table(header, rows))
     return "\n\n".join(lines)

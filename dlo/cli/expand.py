@@ -64,7 +64,7 @@ def run(args):
     before, after = counts["before"], counts["after"]
     print(f"parameters: {before:,} -> {after:,} ({(after - before) / before:+.1%})")
     if plan.shared:
-        print(f"stored: {counts['stored_bytes']:,} bytes of tensors, each shared layer once")
+        print(f"stored: {counts['stored_bytes']:,} bytes of safetensors, each shared tensor once")
         print(f"wrote {output} ({len(plan.layers)} layers, {len(plan.new_indices)} shared repetitions; loads with "
               "dlo.load_model, or AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
         return
