@@ -7,6 +7,9 @@
 
 Three variants with the same weights, greedy generate() with the KV cache:
   routed   random routers, thresholds calibrated to --capacity (c = 0.5), every layer routed, dlo's routed cache
+           (whole-batch skips read on the host where that is no sync: CPU)
+  masked   the same, but no layer is ever skipped whole (skip_idle_layers=False, what accelerators do by default):
+           rows that skip run masked; the gap to routed is what whole-batch skips save
   forced   the same model under dlo.forced_routing(model, "run"): every token runs every layer, so what it costs
            beyond plain is the routing machinery alone
   plain    the stock model without routers (stock cache)
@@ -32,10 +35,11 @@ import torch
 import transformers
 
 import dlo
+from dlo.static_cache import route_static_cache
 
 # Hidden size -> (MLP width, attention heads, key/value heads, vocabulary): the sizes docs/GENERATION.md reports.
 SHAPES = {256: (688, 8, 4, 2048), 1024: (2816, 16, 4, 8192), 4096: (11008, 32, 8, 32000)}
-VARIANTS = ("routed", "forced", "plain")
+VARIANTS = ("routed", "masked", "forced", "plain")
 
 
 def shape(hidden: int) -> tuple[int, int, int, int]:
@@ -91,11 +95,20 @@ def generate_seconds(model, ids, new_tokens, **kwargs):
     return time.perf_counter() - start
 
 
-def variant_timer(name, model, kwargs):
+def variant_timer(name, model, kwargs, max_cache_len):
     """seconds(ids, new_tokens) of one variant's generate()."""
     def seconds(ids, new_tokens):
+        extra = {}
+        if name == "masked":  # a fresh cache per call, as generate() would make, with idle checks off
+            block = [layer.layer_index for layer in dlo.routed_layers(model) if layer.granularity == "block"]
+            if kwargs.get("cache_implementation") == "static":
+                stock = transformers.StaticCache(model.config, max_cache_len=max_cache_len)
+                extra["cache"] = route_static_cache(stock, block, skip_idle_layers=False)
+            else:
+                extra["cache"] = dlo.RoutedCache(model.config, block, skip_idle_layers=False)
+        given = {k: v for k, v in kwargs.items() if not (extra and k == "cache_implementation")}
         with dlo.forced_routing(model, "run") if name == "forced" else contextlib.nullcontext():
-            return generate_seconds(model, ids, new_tokens, **kwargs)
+            return generate_seconds(model, ids, new_tokens, **given, **extra)
     return seconds
 
 
@@ -139,13 +152,14 @@ def measure_cell(routed, plain, batch, args, device):
     kwargs = generation_kwargs(args)
     with torch.no_grad():
         ran, idle = decode_routing_shares(routed, ids, args.new_tokens, kwargs)
-        timers = {name: variant_timer(name, plain if name == "plain" else routed, kwargs) for name in VARIANTS}
+        room = args.prompt + args.new_tokens + 1
+        timers = {name: variant_timer(name, plain if name == "plain" else routed, kwargs, room) for name in VARIANTS}
         samples = decode_seconds(timers, ids, args.new_tokens, args.repeats)
     row = {"batch": batch, "decode_run_share": ran, "idle_layer_steps": idle}
     for name, seconds in samples.items():
         row[f"{name}_tokens_per_s"] = batch / statistics.median(seconds)
         row[f"{name}_step_ms"] = [1e3 * s for s in seconds]
-    for name in ("routed", "forced"):  # > 1: faster than plain
+    for name in ("routed", "masked", "forced"):  # > 1: faster than plain
         row[f"{name}_speed_vs_plain"] = statistics.median(p / s for p, s in zip(samples["plain"], samples[name]))
     return row
 
@@ -165,13 +179,14 @@ def print_table(result):
           f"cache {result['cache']}{' compiled' if result['compile'] else ''} | load average "
           f"{result['load_average_before']:.2f} -> {result['load_average_after']:.2f}")
     print(f"prompt {result['prompt_tokens']}, {result['new_tokens']} new tokens, median of {result['repeats']} rounds")
-    print(f"{'d':>5} {'batch':>5} {'run share':>9} {'idle steps':>10} {'routed tok/s':>12} {'forced tok/s':>12} "
-          f"{'plain tok/s':>11} {'routed/plain':>12} {'forced/plain':>12}")
+    print(f"{'d':>5} {'batch':>5} {'run share':>9} {'idle steps':>10} {'routed tok/s':>12} {'masked tok/s':>12} "
+          f"{'forced tok/s':>12} {'plain tok/s':>11} {'routed/plain':>12} {'masked/plain':>12} {'forced/plain':>12}")
     for m in result["models"]:
         for r in m["rows"]:
             print(f"{m['hidden_size']:>5} {r['batch']:>5} {r['decode_run_share']:>9.2f} {r['idle_layer_steps']:>10.2f} "
-                  f"{r['routed_tokens_per_s']:>12.1f} {r['forced_tokens_per_s']:>12.1f} "
-                  f"{r['plain_tokens_per_s']:>11.1f} {r['routed_speed_vs_plain']:>12.3f} "
+                  f"{r['routed_tokens_per_s']:>12.1f} {r['masked_tokens_per_s']:>12.1f} "
+                  f"{r['forced_tokens_per_s']:>12.1f} {r['plain_tokens_per_s']:>11.1f} "
+                  f"{r['routed_speed_vs_plain']:>12.3f} {r['masked_speed_vs_plain']:>12.3f} "
                   f"{r['forced_speed_vs_plain']:>12.3f}")
 
 

@@ -32,6 +32,10 @@ stage model "$PY" benchmarks/model.py --capacities 0.5 0.25 --out "$OUT/model.js
 stage long-seq "$PY" benchmarks/long_seq.py --seqs 2048 4096 8192 --out "$OUT/long_seq.json"
 stage decode "$PY" benchmarks/decode.py --sizes 1024,4096 --dtype bfloat16 --batch-sizes 1,8,32,64 \
     --out "$OUT/decode.json"
+# Static caches, decode steps compiled with mode="reduce-overhead" (CUDA graphs) for every variant: the routed
+# decode step has no host sync and no per-step Python state there (docs/GENERATION.md).
+stage decode-static "$PY" benchmarks/decode.py --sizes 1024,4096 --dtype bfloat16 --batch-sizes 1,8,32,64 \
+    --cache static --compile --out "$OUT/decode_static.json"
 
 # The SFT recipe on the tiny default through the shipped accelerate configs (FSDP2: fsdp.yaml, ZeRO-3: zero3.yaml)
 # and one unsharded process, all at a global batch of 16. Two processes where there are two GPUs; NCCL refuses

@@ -74,17 +74,21 @@ def test_model_benchmark_json(tmp_path):
     assert flops[0.5, "block"] < flops[0.5, "mlp"] < 1.0  # block also skips attention
 
 
-def test_decode_benchmark_json(tmp_path):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decode_benchmark_json(tmp_path, cache):
     result = run_benchmark("decode.py", tmp_path / "decode.json", "--sizes", "64,96", "--layers", "2", "--vocab", "128",
-                           "--prompt", "8", "--new-tokens", "4", "--repeats", "2", "--batch-sizes", "1,3")
+                           "--prompt", "8", "--new-tokens", "4", "--repeats", "2", "--batch-sizes", "1,3",
+                           "--cache", cache)
+    assert result["cache"] == cache
     assert result["device"] and result["load_average_before"] >= 0  # the hardware and the load are named
     assert [m["hidden_size"] for m in result["models"]] == [64, 96]  # both sizes in one run
     for model in result["models"]:
         assert model["routed_layers"] == [0, 1] and model["target_capacity"] == [0.5, 0.5]
         assert [r["batch"] for r in model["rows"]] == [1, 3]
         for row in model["rows"]:
-            for name in ("routed", "forced", "plain"):
+            for name in ("routed", "masked", "forced", "plain"):
                 assert _finite_positive(row[f"{name}_tokens_per_s"]), (name, row)
                 assert len(row[f"{name}_step_ms"]) == 2  # one sample per round
-            assert _finite_positive(row["routed_speed_vs_plain"]) and _finite_positive(row["forced_speed_vs_plain"])
+            for name in ("routed", "masked", "forced"):
+                assert _finite_positive(row[f"{name}_speed_vs_plain"]), (name, row)
             assert 0.0 <= row["decode_run_share"] <= 1.0 and 0.0 <= row["idle_layer_steps"] <= 1.0
