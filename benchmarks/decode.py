@@ -17,7 +17,8 @@ Decode tokens/s = batch * N / (t(generate N+1 tokens) - t(generate 1 token)): pr
 round each variant of a (size, batch) cell runs once, in turn (so load drifts hit all alike); figures are
 medians over --repeats rounds, the ratios medians of the per-round ratios. An untimed run per cell counts
 the share of decode tokens that ran the routed layers and the share of (layer, step) pairs in which no
-row ran, i.e. in which the layer's weights were not read at all. --compile hands generate() a
+row ran, i.e. in which the layer's weights were not read at all, and another the aten ops each variant dispatches
+per decode step (what a decode step costs beyond the weights, whatever the load). --compile hands generate() a
 CompileConfig(mode="reduce-overhead") (CUDA graphs) for every variant whose cache is static. Prints a
 table with the hardware and the load average, and writes --out (JSON).
 """
@@ -33,6 +34,7 @@ import time
 import common
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dlo
 from dlo.static_cache import route_static_cache
@@ -145,6 +147,28 @@ def decode_routing_shares(model, ids, new_tokens, kwargs):
     return ran / (steps * ids.shape[0]), idle / steps
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active: each costs a launch on a GPU and a dispatch on a CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_ops(timer, ids, new_tokens):
+    """Aten ops per decode step of one variant (untimed, load-independent): ops(N+1 tokens) - ops(1 token), / N."""
+    counts = []
+    for tokens in (1, new_tokens + 1):
+        with OpCounter() as counter:
+            timer(ids, tokens)
+        counts.append(counter.ops)
+    return (counts[1] - counts[0]) / new_tokens
+
+
 def measure_cell(routed, plain, batch, args, device):
     """One (model, batch) row: routing shares, tokens/s per variant, and per-round step-time ratios to plain."""
     vocab = routed.config.vocab_size
@@ -155,10 +179,14 @@ def measure_cell(routed, plain, batch, args, device):
         room = args.prompt + args.new_tokens + 1
         timers = {name: variant_timer(name, plain if name == "plain" else routed, kwargs, room) for name in VARIANTS}
         samples = decode_seconds(timers, ids, args.new_tokens, args.repeats)
+        # Compiled steps run as graphs, whose ops a dispatch mode does not see one by one: counted eager only.
+        ops = {name: None if args.compile else decode_ops(timer, ids, min(args.new_tokens, 8))
+               for name, timer in timers.items()}
     row = {"batch": batch, "decode_run_share": ran, "idle_layer_steps": idle}
     for name, seconds in samples.items():
         row[f"{name}_tokens_per_s"] = batch / statistics.median(seconds)
         row[f"{name}_step_ms"] = [1e3 * s for s in seconds]
+        row[f"{name}_ops_per_step"] = ops[name]
     for name in ("routed", "masked", "forced"):  # > 1: faster than plain
         row[f"{name}_speed_vs_plain"] = statistics.median(p / s for p, s in zip(samples["plain"], samples[name]))
     return row
@@ -181,13 +209,17 @@ def print_table(result):
     print(f"prompt {result['prompt_tokens']}, {result['new_tokens']} new tokens, median of {result['repeats']} rounds")
     print(f"{'d':>5} {'batch':>5} {'run share':>9} {'idle steps':>10} {'routed tok/s':>12} {'masked tok/s':>12} "
           f"{'forced tok/s':>12} {'plain tok/s':>11} {'routed/plain':>12} {'masked/plain':>12} {'forced/plain':>12}")
-    for m in result["models"]:
-        for r in m["rows"]:
-            print(f"{m['hidden_size']:>5} {r['batch']:>5} {r['decode_run_share']:>9.2f} {r['idle_layer_steps']:>10.2f} "
-                  f"{r['routed_tokens_per_s']:>12.1f} {r['masked_tokens_per_s']:>12.1f} "
-                  f"{r['forced_tokens_per_s']:>12.1f} {r['plain_tokens_per_s']:>11.1f} "
-                  f"{r['routed_speed_vs_plain']:>12.3f} {r['masked_speed_vs_plain']:>12.3f} "
-                  f"{r['forced_speed_vs_plain']:>12.3f}")
+    rows = [(m, r) for m in result["models"] for r in m["rows"]]
+    for m, r in rows:
+        print(f"{m['hidden_size']:>5} {r['batch']:>5} {r['decode_run_share']:>9.2f} {r['idle_layer_steps']:>10.2f} "
+              f"{r['routed_tokens_per_s']:>12.1f} {r['masked_tokens_per_s']:>12.1f} "
+              f"{r['forced_tokens_per_s']:>12.1f} {r['plain_tokens_per_s']:>11.1f} "
+              f"{r['routed_speed_vs_plain']:>12.3f} {r['masked_speed_vs_plain']:>12.3f} "
+              f"{r['forced_speed_vs_plain']:>12.3f}")
+    print("aten ops per decode step (load-independent):")
+    for m, r in rows if not result["compile"] else ():
+        print(f"{m['hidden_size']:>5} {r['batch']:>5}  " + "  ".join(f"{name} {r[name + '_ops_per_step']:.0f}"
+                                                         for name in VARIANTS))
 
 
 def main(argv=None):

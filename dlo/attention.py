@@ -221,7 +221,7 @@ def step_attention_mask(key_ok: torch.Tensor, model_mask: torch.Tensor | None) -
     The cache already leaves out padding, later tokens and (sliding layers) tokens out of the window, so key_ok is
     the whole mask; it takes the kind of the model's mask (bool, or additive float), bool when the model passes none.
     """
-    allowed = key_ok[:, None, None, :]
+    allowed = key_ok.view(key_ok.shape[0], 1, 1, key_ok.shape[1])  # one op: a decode step pays it per layer
     if model_mask is None or model_mask.dtype == torch.bool:
         return allowed
     return torch.where(allowed, 0.0, torch.finfo(model_mask.dtype).min).to(model_mask.dtype)

@@ -427,17 +427,22 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         # Transformers passes no mask only when no token is padded (it checks once per step): every row is valid.
         valid = None if attention_mask is None else routing.valid_tokens(B, 1)  # (B, 1) or None
         force = routing.force.get(self.layer_index)
-        logits = self.router(h).squeeze(-1).float() if force is None or routing.collect else None  # (B, 1)
+        logits = score = None
+        if force is None or routing.collect:
+            logits = self.router(h)  # (B, 1, 1): shaped like h, so decision and gate broadcast over it as they are
+            if logits.dtype != torch.float32:
+                logits = logits.float()  # decided in fp32, as the cache-free forward decides
         if force is None:
             score = torch.sigmoid(logits)
-            active = score >= self._decode_threshold()  # (B, 1)
+            ran = score >= self._decode_threshold()  # (B, 1, 1)
             if valid is not None:
-                active &= valid
+                ran &= valid.unsqueeze(-1)
         else:
-            active = valid
-        if force == "skip" or (force is None and layer_cache.checks_idle(h.device) and not bool(active.any())):
+            ran = None if valid is None else valid.unsqueeze(-1)
+        active = None if ran is None else ran.view(B, 1)  # (B, 1): the rows that run, as the cache books them
+        if force == "skip" or (force is None and layer_cache.checks_idle(h.device) and not bool(ran.any())):
             layer_cache.skip(B, 1, h.device)
-            self._record(routing, logits, None, None, valid, self.capacity.double(), None)
+            self._record(routing, _step_logits(logits, B), None, None, valid, self.capacity.double(), None)
             return h
         key_ok = layer_cache.append_step(active, B, h.device)  # (B, L) or None: nothing to hide
         if key_ok is None or self.self_attn.config._attn_implementation in FLASH_IMPLEMENTATIONS:
@@ -447,15 +452,15 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         else:
             mask = step_attention_mask(key_ok, attention_mask)
         f = self._stock(h, mask, position_ids, position_embeddings, kwargs)
-        if force is None:  # y = h + g * (F(h) - h) on the rows that run, g = 1 + beta * (score - 1/2)
-            gate = score.mul(self.beta).add_(1.0 - 0.5 * self.beta).unsqueeze(-1).to(h.dtype)  # (B, 1, 1)
-            f = torch.lerp(h, f, gate)
+        if score is not None:  # y = h + g * (F(h) - h) on the rows that run, g = 1 + beta * (score - 1/2)
+            gate = score.mul(self.beta).add_(1.0 - 0.5 * self.beta)  # (B, 1, 1)
+            f = torch.lerp(h, f, gate if gate.dtype == h.dtype else gate.to(h.dtype))
         # Where, not a zero gate: a skipping row may attend no key at all, and its NaN must not leak.
-        y = f if active is None else torch.where(active.unsqueeze(-1), f, h)
+        y = f if ran is None else torch.where(ran, f, h)
         if routing.collect:
-            ran = torch.ones(B, 1, dtype=torch.bool, device=h.device) if active is None else active
-            self._record(routing, logits, torch.zeros(B, 1, dtype=torch.long, device=h.device), ran, valid,
-                         self.capacity.double(), None)
+            ran_rows = torch.ones(B, 1, dtype=torch.bool, device=h.device) if active is None else active
+            self._record(routing, _step_logits(logits, B), torch.zeros(B, 1, dtype=torch.long, device=h.device),
+                         ran_rows, valid, self.capacity.double(), None)
         return y
 
     def _layer_cache(self, kwargs) -> RoutedLayer | RoutedStaticLayer | None:
@@ -525,6 +530,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
                                                      explored, T)
         self._record(routing, logits, idx, active, valid, capacity, similarity, weight)
         return y
+
+
+def _step_logits(logits: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A decode step's (B, 1, 1) router logits as a record holds them: (B, 1) fp32."""
+    return None if logits is None else logits.view(batch, 1)
 
 
 def combine_running(h: torch.Tensor, f_slots: torch.Tensor, gate: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
