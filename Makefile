@@ -48,6 +48,7 @@ bench: setup
 	mkdir -p runs/bench
 	$(BIN)/python benchmarks/layer.py --profile 0.5 0.25 --out runs/bench/layer.json
 	$(BIN)/python benchmarks/model.py --out runs/bench/model.json
+	$(BIN)/python benchmarks/similarity.py --settings 512:512:4 --out runs/bench/similarity.json
 	$(BIN)/python benchmarks/decode.py --out runs/bench/decode.json
 
 lint: setup

@@ -30,6 +30,7 @@ stage kernels "$PY" benchmarks/kernels.py --out "$OUT/kernels.json"
 stage layer "$PY" benchmarks/layer.py --capacities 1.0 0.5 0.25 --out "$OUT/layer.json"
 stage model "$PY" benchmarks/model.py --capacities 0.5 0.25 --out "$OUT/model.json"
 stage long-seq "$PY" benchmarks/long_seq.py --seqs 2048 4096 8192 --out "$OUT/long_seq.json"
+stage similarity "$PY" benchmarks/similarity.py --out "$OUT/similarity.json"
 stage decode "$PY" benchmarks/decode.py --sizes 1024,4096 --dtype bfloat16 --batch-sizes 1,8,32,64 \
     --out "$OUT/decode.json"
 # Static caches, decode steps compiled with mode="reduce-overhead" (CUDA graphs) for every variant: the routed

@@ -10,22 +10,14 @@ layer, dlo.ExpansionPlan.llama_pro) to --layers layers; routers go on the copies
   block    routers on the copies, block granularity, capacity c
   mlp      the same with mlp granularity
 "fwd+bwd" is the task loss's forward and backward; "step" a training step: forward, task loss plus
---router-loss-weight x the router loss, which the routed model adds to its loss (labels --label; "self"
-needs no dense similarity pass),
-backward, AdamW step. The candidates take turns in each of --repeats rounds after --warmup rounds;
+--router-loss-weight x the router loss, which the routed model adds to its loss (labels --label), backward,
+AdamW step. The candidates take turns in each of --repeats rounds after --warmup rounds;
 figures are medians, ratios the median of per-round ratios to dense (spread: min-max). "flops" is
 the analytic forward-FLOPs ratio (dlo.flops), the limit the measured ratio would reach if every
 FLOP cost the same. "saved MB": what autograd keeps for backward (parameters excluded).
 Prints a table and writes --out (JSON).
 
-    python benchmarks/model.py --similarity --d 512 --seq 512 --batch 4 --layers 4
-
---similarity: what similarity labels cost and how close the packed source's labels come to the dense
-pass's. A random Llama of --layers layers, every layer block-routed, trains one step per candidate:
-self, cos and cos-global with the packed source (the default) and cos-global with the dense source
-(the reference); step ratios to the unrouted model at each capacity, activation memory, and, on the
-same batch and weights, the agreement of packed and dense run/skip labels and of the cos-global
-capacity shares.
+What similarity labels cost, and their quality against the dense pass: benchmarks/similarity.py.
 """
 
 import argparse
@@ -85,96 +77,15 @@ def closures(models, ids, optimizers):
     return fns
 
 
-SIMILARITY_CANDIDATES = (("self", "packed"), ("cos", "packed"), ("cos-global", "packed"), ("cos-global", "dense"))
-
-
-def similarity_mode(args, device, dtype):
-    """Training-step ratios per label and source at each capacity, and packed-vs-dense label agreement."""
-    from dlo.losses import label_run_counts, router_labels
-
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.d, intermediate_size=args.d_ff,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
-                         attn_implementation="sdpa", tie_word_embeddings=False)
-    dense = LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
-    models = {"dense": dense}
-    for label, source in SIMILARITY_CANDIDATES:
-        routed = dlo.attach_routers(copy.deepcopy(dense), dlo.RoutingConfig(
-            layers="all", label=label, similarity_source=source, router_loss_weight=args.router_loss_weight))
-        for layer, reference in zip(dlo.routed_layers(routed), dlo.routed_layers(models.get("self", routed))):
-            if routed is models.get("self", routed):
-                torch.nn.init.normal_(layer.router.weight, std=args.d**-0.5)
-            else:  # every candidate routes alike: the routers of the first
-                layer.router.load_state_dict(reference.router.state_dict())
-        models[f"{label}/{source}"] = routed.train()
-    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.0) for name, m in models.items()}
-    timings, memory, quality = [], [], []
-    for c in args.capacities:
-        for name, model in models.items():
-            if name != "dense":
-                dlo.set_capacity(model, c)
-        fns = {key: fn for key, fn in closures(models, ids, optimizers).items() if key[1] == "step"}
-        for name, model in models.items():
-            loss = lambda model=model: model(input_ids=ids, labels=ids, use_cache=False).loss
-            memory.append(dict(capacity=c, approach=name,
-                               saved_bytes=common.saved_bytes(loss, exclude=list(model.parameters()))))
-        samples = common.time_interleaved(fns, device, args.repeats, args.warmup)
-        for (name, mode), s in samples.items():
-            timings.append(dict(capacity=c, approach=name, mode=mode, **common.summarize(s, samples["dense", mode])))
-        with torch.no_grad():
-            outs = {name: models[name](input_ids=ids, labels=ids, use_cache=False).routing
-                    for name in ("cos/packed", "cos-global/packed", "cos-global/dense")}
-        dense_records = outs["cos-global/dense"]
-        for label in ("cos", "cos-global"):
-            packed_records = outs[f"{label}/packed"]
-            packed_labels = router_labels(packed_records, label)
-            dense_labels = router_labels(dense_records, label)
-            agree = [float(((a == b) & r.valid).sum() / r.valid.sum())
-                     for a, b, r in zip(packed_labels, dense_labels, dense_records)]
-            tokens = float(dense_records[0].valid.sum())
-            quality.append(dict(capacity=c, label=label, agreement=agree,
-                                run_share_packed=(label_run_counts(packed_records, packed_labels) / tokens).tolist(),
-                                run_share_dense=(label_run_counts(dense_records, dense_labels) / tokens).tolist()))
-        for model in models.values():
-            if model is not dense:
-                dlo.routing_state(model).discard_observations()
-        print(f"c={c}: done", flush=True)
-    result = dict(environment=common.environment(device, dtype),
-                  config=dict(mode="similarity", d=args.d, d_ff=args.d_ff, heads=args.heads, kv_heads=args.kv_heads,
-                              seq=args.seq, batch=args.batch, layers=args.layers, vocab=args.vocab,
-                              repeats=args.repeats, warmup=args.warmup, capacities=args.capacities),
-                  timings=timings, memory=memory, label_quality=quality)
-    env = result["environment"]
-    print(f"{env['device']} | {env['dtype']} | {result['config']}")
-    cell = {(r["capacity"], r["approach"]): r for r in timings}
-    mem = {(m["capacity"], m["approach"]): m["saved_bytes"] for m in memory}
-    print(f"training step, ratio to dense, median (min-max) of {args.repeats} rounds; saved MB (ratio to self)")
-    for c in args.capacities:
-        for name in models:
-            print(f"{c:>6} {name:>18} {cell[c, name]['ms']:>9.0f} ms {common.fmt_ratio(cell[c, name]):>17} "
-                  f"{mem[c, name] / 2**20:>9.1f} MB ({mem[c, name] / mem[c, 'self/packed']:.2f})")
-    for q in quality:
-        print(f"c={q['capacity']} {q['label']}: label agreement per layer {[round(a, 3) for a in q['agreement']]}; "
-              f"run share packed {[round(a, 3) for a in q['run_share_packed']]} "
-              f"dense {[round(a, 3) for a in q['run_share_dense']]}")
-    common.write_json(result, args.out)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_size_args(p, cpu=CPU, cuda=CUDA)
     p.add_argument("--capacities", type=float, nargs="+", default=[0.5, 0.25])
     p.add_argument("--label", default="self", choices=["self", "cos", "cos-global"])
     p.add_argument("--router-loss-weight", type=float, default=0.1)
-    p.add_argument("--similarity", action="store_true",
-                   help="compare similarity labels instead: self / cos / cos-global, packed vs dense source")
     p.add_argument("--out", default="benchmark_model.json")
     args = p.parse_args(argv)
     device, dtype = common.resolve_sizes(args, cpu=CPU, cuda=CUDA, quick=QUICK)
-    if args.similarity:
-        return similarity_mode(args, device, dtype)
-
     models = build(args, device, dtype)
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-6) for name, m in models.items()}
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)

@@ -117,6 +117,12 @@ def token_similarity(h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cosine_similarity(h.float(), f.float(), dim=-1)
 
 
+def input_log_norm(h: torch.Tensor) -> torch.Tensor:
+    """log |h| per token, fp32, without grad: (B, T, d) -> (B, T). What predicts a skipped token's similarity."""
+    with torch.no_grad():
+        return h.float().norm(dim=-1).clamp(min=1e-30).log()
+
+
 def slot_weights(active: torch.Tensor, explore: Exploration | None) -> torch.Tensor:
     """(B, S) valid tokens each slot's similarity stands for: 1 per running token, 0 per inactive slot, a
     sampled skipped token its row's skipped count over its samples."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dlo.config import RoutingConfig
-from dlo.distributed import gather_rows
+from dlo.distributed import all_reduce_sum, gather_rows
 from dlo.routing import RouterRecord, row_budget
 
 
@@ -21,7 +21,7 @@ from dlo.routing import RouterRecord, row_budget
 class RouterLossOutput:
     loss: torch.Tensor  # () mean over routed layers of the BCE mean over valid tokens (unweighted by lambda)
     token_loss_sum: torch.Tensor  # () mean over routed layers of the BCE summed over valid tokens
-    labels: list[torch.Tensor]  # per routed layer, (B, T) bool: the 'run' labels
+    labels: list[torch.Tensor]  # per routed layer, (B, T) bool: the 'run' decisions of the targets
     weighted_term: torch.Tensor | None = None  # () what trains: weight * the loss normalised like the task loss
 
 
@@ -60,15 +60,8 @@ def measured(record: RouterRecord) -> torch.Tensor:
 
 
 def cos_labels(record: RouterRecord) -> torch.Tensor:
-    """Per sequence, the k = ceil(c * n) of its n valid tokens with the lowest similarity are labelled 'run'.
-
-    Packed source: the cut is where the measured tokens, each weighted by the valid tokens it stands for, reach
-    k; a measured token at or below it runs, a token not measured keeps the router's 'skip'.
-    """
-    if record.similarity_weight is not None:
-        budget = row_budget(record.capacity, record.valid)
-        cut = weighted_cut(record.similarity, record.similarity_weight * measured(record), budget)
-        return (record.similarity <= cut.unsqueeze(1)) & measured(record)
+    """Per sequence, the k = ceil(c * n) of its n valid tokens with the lowest similarity are labelled 'run'
+    (every valid token measured: the dense source; the packed source's are in ``router_targets``)."""
     B, T = record.similarity.shape
     ranked = record.similarity.masked_fill(~record.valid, float("inf"))
     order = torch.sort(ranked, dim=1, stable=True).indices
@@ -120,24 +113,101 @@ def label_run_counts(records: list[RouterRecord], labels: list[torch.Tensor]) ->
     return torch.stack(counts)
 
 
-def router_labels(records: list[RouterRecord], label: str) -> list[torch.Tensor]:
-    """The 'run' labels of each layer; ``self`` labels (own selection) when similarity was not computed."""
+@torch.compiler.disable
+@torch.no_grad()
+def similarity_fits(records: list[RouterRecord]) -> torch.Tensor:
+    """(L, 3) float64 per layer: intercept, slope and residual spread of the weighted least-squares line of the
+    measured tokens' similarity on the log-norm of their layer input, over every rank (one all-reduce).
+
+    cos(h, h + u) is ~1 - |u|^2 / (2 |h|^2) for a small update u; a pre-norm layer's update has about the same size
+    for every token, so the input's norm orders the tokens' similarities closely.
+    """
+    stats = []
+    for record in records:
+        weight = (record.similarity_weight * measured(record)).double()
+        x = record.log_norm.double() * (weight > 0)  # tokens not measured: weight 0, and no inf or nan in the sums
+        y = record.similarity.double().masked_fill(weight == 0, 0.0)
+        stats.append(torch.stack([weight.sum(), (weight * x).sum(), (weight * y).sum(), (weight * x * x).sum(),
+                                  (weight * x * y).sum(), (weight * y * y).sum()]))
+    n, sx, sy, sxx, sxy, syy = all_reduce_sum(torch.stack(stats)).unbind(1)  # (L,) each
+    n = n.clamp(min=1e-12)
+    mean_x, mean_y = sx / n, sy / n
+    var_x, cov, var_y = sxx / n - mean_x**2, sxy / n - mean_x * mean_y, syy / n - mean_y**2
+    slope = cov / (var_x + 1e-6)  # a ridge: inputs of one norm (or one measured token) give the mean
+    spread = (var_y - 2 * slope * cov + slope**2 * var_x).clamp(min=1e-12).sqrt()
+    return torch.stack([mean_y - slope * mean_x, slope, spread], 1)
+
+
+def run_chance(record: RouterRecord, cut: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
+    """(B, T) float64: the chance that each token's similarity lies at or below ``cut`` (broadcast to (B, T)),
+    under the layer's fit (a normal spread around the line)."""
+    predicted = fit[0] + fit[1] * record.log_norm.double()
+    return torch.special.ndtr((cut.double() - predicted) / fit[2])
+
+
+@torch.no_grad()
+def expected_row_cut(record: RouterRecord, fit: torch.Tensor, iterations: int = 32) -> torch.Tensor:
+    """(B, 1) packed ``cos``, per row: the similarity at which the measured tokens at or below it plus the run
+    chances of the tokens not measured reach the row's budget k (bisection on [-1, 1]). Every token stands for
+    itself here: a row's two or three samples would make a coarse cut with their weights."""
+    known = measured(record)
+    unknown = record.valid & ~known
+    budget = row_budget(record.capacity, record.valid).double().unsqueeze(1)  # (B, 1)
+    similarity = record.similarity.double()
+    low = similarity.new_full(budget.shape, -1.0)
+    high = similarity.new_full(budget.shape, 1.0)
+    for _ in range(iterations):  # the count is monotone in the cut
+        mid = (low + high) / 2
+        count = ((similarity <= mid) & known).sum(1, keepdim=True) + (run_chance(record, mid, fit) * unknown).sum(
+            1, keepdim=True)
+        enough = count >= budget - 1e-9
+        high, low = torch.where(enough, mid, high), torch.where(enough, low, mid)
+    return high
+
+
+def router_targets(records: list[RouterRecord], label: str) -> list[torch.Tensor]:
+    """The BCE target of every token of each layer, (B, T) float in [0, 1] (docs/DESIGN.md §2.4).
+
+    ``self`` labels, or labels computed before any similarity was, are the router's own selection; with the dense
+    source every valid token's label (1: run). With the packed source a measured token gets its label, a token
+    not measured (a skipped one the sample left out) its ``run_chance``: BCE is linear in its target, so that is the
+    expected loss under the label its unknown similarity would give it. The cut: for ``cos-global`` the weighted
+    quantile of the measured tokens over every layer and rank; for ``cos`` ``expected_row_cut``.
+    """
     if label == "self" or any(r.similarity is None for r in records):
-        return [r.selected for r in records]
+        return [r.selected.float() for r in records]
+    if records[0].similarity_weight is None:  # dense source: every valid token measured
+        labels = [cos_labels(r) for r in records] if label == "cos" else cos_global_labels(records)
+        return [lab.float() for lab in labels]
+    fits = similarity_fits(records)
     if label == "cos":
-        return [cos_labels(r) for r in records]
-    return cos_global_labels(records)
+        cuts = [expected_row_cut(r, fit) for r, fit in zip(records, fits)]
+    else:
+        cuts = [global_similarity_cut(records).double()] * len(records)
+    return [torch.where(measured(r), (r.similarity.double() <= cut).float(), run_chance(r, cut, fit).float())
+            for r, cut, fit in zip(records, cuts, fits)]
+
+
+def router_labels(records: list[RouterRecord], label: str) -> list[torch.Tensor]:
+    """The run/skip decision each layer's labels make, (B, T) bool: a target of at least 1/2 means 'run'."""
+    return [decide(t, r) for t, r in zip(router_targets(records, label), records)]
+
+
+def decide(target: torch.Tensor, record: RouterRecord) -> torch.Tensor:
+    """(B, T) bool: valid tokens whose target is at least 1/2."""
+    return (target >= 0.5) & record.valid
 
 
 def router_loss(records: list[RouterRecord], config: RoutingConfig) -> RouterLossOutput:
     """Masked BCE-with-logits of every routed layer against its labels, averaged over layers."""
     if not records:
         raise ValueError("no routing records: router_loss needs the records of a training forward")
-    labels = router_labels(records, config.label)
+    targets = router_targets(records, config.label)
     sums, means = [], []
-    for record, lab in zip(records, labels):
-        bce = F.binary_cross_entropy_with_logits(record.logits, lab.float(), reduction="none")
+    for record, target in zip(records, targets):
+        bce = F.binary_cross_entropy_with_logits(record.logits, target, reduction="none")
         total = (bce * record.valid).sum()
         sums.append(total)
         means.append(total / record.valid.sum().clamp(min=1))
+    labels = [decide(t, r) for t, r in zip(targets, records)]
     return RouterLossOutput(loss=torch.stack(means).mean(), token_loss_sum=torch.stack(sums).mean(), labels=labels)

@@ -48,6 +48,7 @@ from dlo.exploration import (
     Exploration,
     KeyPrefix,
     KeyRecorder,
+    input_log_norm,
     measured_similarity,
     own_key_only,
     sample_skipped,
@@ -78,6 +79,8 @@ class RouterRecord:
     # (B, T) valid tokens each measured similarity stands for (1: ran or dense; a skipped sample: its row's
     # skipped tokens over its samples; 0: not measured); None: every valid token measured (dense source)
     similarity_weight: torch.Tensor | None = None
+    # (B, T) log |h| of the layer's input, packed source only: predicts the similarity of tokens not measured
+    log_norm: torch.Tensor | None = None
 
 
 class RoutingInputs:
@@ -275,7 +278,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         gate = (1.0 + self.beta * (torch.sigmoid(logits.gather(1, idx)) - 0.5)) * active  # (B, K)
         return (idx, active, gate), capacity
 
-    def _record(self, routing, logits, idx, active, valid, capacity, similarity, similarity_weight=None):
+    def _record(self, routing, logits, idx, active, valid, capacity, similarity, similarity_weight=None,
+                log_norm=None):
         # A gradient-checkpointing recomputation runs this again with the same inputs: keep the first record.
         if not routing.collect or self.layer_index in routing.records:
             return
@@ -287,7 +291,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             valid = torch.ones(B, T, dtype=torch.bool, device=logits.device)
         routing.records[self.layer_index] = RouterRecord(logits=logits, selected=selected, valid=valid,
                                                          capacity=capacity, similarity=similarity,
-                                                         similarity_weight=similarity_weight)
+                                                         similarity_weight=similarity_weight, log_norm=log_norm)
 
     def _forward_block(self, h, attention_mask, position_ids, position_embeddings, routing, kwargs):
         B, T, d = h.shape
@@ -297,7 +301,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         valid = routing.valid_tokens(B, T)
         logits = self.router(h).squeeze(-1).float()  # (B, T)
         decision, capacity = self._select(logits, valid, routing)
-        similarity = weight = None
+        similarity = weight = log_norm = None
         if routing.training and routing.similarity == "dense":
             with torch.no_grad():  # a side computation: it must not write the KV cache
                 no_cache = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
@@ -382,7 +386,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
                                                                  kwargs)
             similarity, weight = measured_similarity(token_similarity(h_slots, f_slots), idx, active, explore,
                                                      explored, T)
-        self._record(routing, logits, idx, active, valid, capacity, similarity, weight)
+            log_norm = input_log_norm(h)
+        self._record(routing, logits, idx, active, valid, capacity, similarity, weight, log_norm)
         return y
 
     def _attention_path(self, attention_mask, routing, seq_len: int, cached: bool, examples: bool) -> str:
@@ -499,7 +504,7 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         valid = routing.valid_tokens(B, T)
         logits = self.router(x).squeeze(-1).float()  # (B, T): the router sees what enters the MLP
         decision, capacity = self._select(logits, valid, routing)
-        similarity = weight = None
+        similarity = weight = log_norm = None
         if routing.training and routing.similarity == "dense":
             with torch.no_grad():
                 similarity = torch.nn.functional.cosine_similarity(x.float(), self._mlp_update(x).float(), dim=-1)
@@ -528,7 +533,8 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
                     explored = token_similarity(x_explore, self._mlp_update(x_explore))  # (B, E)
             similarity, weight = measured_similarity(token_similarity(x_slots, f_slots), idx, active, explore,
                                                      explored, T)
-        self._record(routing, logits, idx, active, valid, capacity, similarity, weight)
+            log_norm = input_log_norm(x)
+        self._record(routing, logits, idx, active, valid, capacity, similarity, weight, log_norm)
         return y
 
 

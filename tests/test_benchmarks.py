@@ -74,6 +74,20 @@ def test_model_benchmark_json(tmp_path):
     assert flops[0.5, "block"] < flops[0.5, "mlp"] < 1.0  # block also skips attention
 
 
+def test_similarity_benchmark_json(tmp_path):
+    result = run_benchmark("similarity.py", tmp_path / "similarity.json", "--quick", "--capacities", "0.5")
+    rows = {r["approach"]: r for r in result["cost"]}
+    assert set(rows) == {"dense", "limit", "self", "cos", "cos-global", "cos-global/dense"}
+    assert all(_finite_positive(r["ratio"]) for r in rows.values())
+    assert rows["dense"]["ratio"] == pytest.approx(1.0) and rows["self"]["saved_ratio_to_self"] == pytest.approx(1.0)
+    # The sample and the estimate keep nothing for backward beyond what 'self' keeps.
+    assert rows["cos-global"]["saved_bytes"] <= 1.1 * rows["self"]["saved_bytes"]
+    quality = result["quality"]
+    assert {q["label"] for q in quality["agreement"]} == {"cos", "cos-global"}
+    assert all(0.0 <= a <= 1.0 for q in quality["agreement"] for a in q["agreement"])
+    assert {t["source"] for t in quality["training"]} == {"packed", "dense"}
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_decode_benchmark_json(tmp_path, cache):
     result = run_benchmark("decode.py", tmp_path / "decode.json", "--sizes", "64,96", "--layers", "2", "--vocab", "128",
