@@ -55,17 +55,17 @@ class RoutingConfig:
     )
     similarity_every: int = field(
         default=1,
-        metadata={"help": "Recompute similarity labels (a dense no-grad pass of each routed layer) on every "
-                  "N-th optimizer step (all its micro-batches); the other steps use 'self' labels. Ignored for "
-                  "label='self'.",
+        metadata={"help": "Compute similarity labels (see similarity_source) on every N-th optimizer step (all "
+                  "its micro-batches); the other steps use 'self' labels. Ignored for label='self'.",
                   "check": Number(low=1, integer=True)},
     )
     similarity_source: str = field(
         default="packed",
         metadata={"help": "Where similarity labels come from: 'packed' (a running token's similarity from its own "
-                  "packed computation, skipped tokens' from a small no-grad sample run inside the packed batch; "
-                  "cost follows the tokens that run) or 'dense' (every routed layer recomputed on every token "
-                  "without grad: the reference, nearly a dense forward). Ignored for label='self'.",
+                  "packed computation, skipped tokens' from a small no-grad sample run after it, the others' "
+                  "predicted from their input's norm; cost follows the tokens that run) or 'dense' (every routed "
+                  "layer recomputed on every token without grad: the reference, nearly a dense forward). Ignored "
+                  "for label='self'.",
                   "check": Choice(SIMILARITY_SOURCES)},
     )
     anneal_steps: int = field(

@@ -145,6 +145,7 @@ def run_chance(record: RouterRecord, cut: torch.Tensor, fit: torch.Tensor) -> to
     return torch.special.ndtr((cut.double() - predicted) / fit[2])
 
 
+@torch.compiler.disable
 @torch.no_grad()
 def expected_row_cut(record: RouterRecord, fit: torch.Tensor, iterations: int = 32) -> torch.Tensor:
     """(B, 1) packed ``cos``, per row: the similarity at which the measured tokens at or below it plus the run
