@@ -121,7 +121,9 @@ def measure_cost(args, setting: str, device, dtype) -> dict:
             rows.append(dict(setting=setting, capacity=c, approach=name, saved_bytes=saved[name],
                              saved_ratio_to_self=saved[name] / saved["self"],
                              **common.summarize(samples[name], samples["dense"])))
-        print(f"{setting} c={c}: done", flush=True)
+        for r in rows[-len(models):]:  # as soon as measured: the label-quality part takes a while more
+            print(f"{setting} c={c} {r['approach']:>17}: {common.fmt_ratio(r)} of dense, activation memory "
+                  f"{r['saved_ratio_to_self']:.2f} x self's", flush=True)
     return rows
 
 
