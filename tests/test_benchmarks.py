@@ -104,8 +104,8 @@ def test_decode_benchmark_json(tmp_path, cache):
                 assert _finite_positive(row[f"{name}_tokens_per_s"]), (name, row)
                 assert len(row[f"{name}_step_ms"]) == 2  # one sample per round
                 assert row[f"{name}_ops_per_step"] > 0
-            # every token running every layer dispatches no more ops than the stock model (transformers passes no mask)
-            assert row["forced_ops_per_step"] <= row["plain_ops_per_step"]
+            if cache == "dynamic":  # every token running every layer dispatches no more ops than the stock model
+                assert row["forced_ops_per_step"] <= row["plain_ops_per_step"]  # (transformers passes no mask)
             for name in ("routed", "masked", "forced"):
                 assert _finite_positive(row[f"{name}_speed_vs_plain"]), (name, row)
             assert 0.0 <= row["decode_run_share"] <= 1.0 and 0.0 <= row["idle_layer_steps"] <= 1.0
