@@ -13,14 +13,14 @@ Three variants with the same weights, greedy generate() with the KV cache:
   forced   the same model under dlo.forced_routing(model, "run"): every token runs every layer, so what it costs
            beyond plain is the routing machinery alone
   plain    the stock model without routers (stock cache)
-Decode tokens/s = batch * N / (t(generate N+1 tokens) - t(generate 1 token)): prefill excluded. In every
-round each variant of a (size, batch) cell runs once, in turn (so load drifts hit all alike); figures are
-medians over --repeats rounds, the ratios medians of the per-round ratios. An untimed run per cell counts
-the share of decode tokens that ran the routed layers and the share of (layer, step) pairs in which no
-row ran, i.e. in which the layer's weights were not read at all, and another the aten ops each variant dispatches
-per decode step (what a decode step costs beyond the weights, whatever the load). --compile hands generate() a
-CompileConfig(mode="reduce-overhead") (CUDA graphs) for every variant whose cache is static. Prints a
-table with the hardware and the load average, and writes --out (JSON).
+Decode tokens/s = batch * N / (t(generate N+1 tokens) - t(generate 1 token)): prefill excluded (t(1 token) the
+best of three runs). In every round each variant of a (size, batch) cell runs once, in turn (so load drifts
+hit all alike); figures are medians over --repeats rounds, the ratios medians of the per-round ratios. An
+untimed run per cell counts the share of decode tokens that ran the routed layers and the share of (layer,
+step) pairs in which no row ran, i.e. in which the layer's weights were not read at all, and another the aten
+ops each variant dispatches per decode step (what a decode step costs beyond the weights, whatever the load).
+--compile hands generate() a CompileConfig(mode="reduce-overhead") (CUDA graphs) for every variant whose cache
+is static. Prints a table with the hardware and the load average, and writes --out (JSON).
 """
 
 import argparse
@@ -118,10 +118,13 @@ def decode_seconds(timers, ids, new_tokens, repeats):
     """{name: [seconds per decode step, one per round]}; the variants take turns in every round."""
     for timer in timers.values():
         timer(ids, 2)  # warm-up (compiles, where compiling)
+    # The prefill-and-first-token time, the best of three: subtracting one noisy sample of it from one noisy
+    # N+1-token run could leave a round with a negative step time on a loaded machine.
+    first = {name: min(timer(ids, 1) for _ in range(3)) for name, timer in timers.items()}
     samples = {name: [] for name in timers}
     for _ in range(repeats):
         for name, timer in timers.items():
-            samples[name].append((timer(ids, new_tokens + 1) - timer(ids, 1)) / new_tokens)
+            samples[name].append((timer(ids, new_tokens + 1) - first[name]) / new_tokens)
     return samples
 
 
