@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from dlo.batching import MODEL_INPUTS, batches, pad_token_id, text_examples, to_device
 from dlo.losses import quantiles
 from dlo.modeling import routed_layers
 from dlo.routing import NUM_QUANTILES
@@ -21,21 +22,15 @@ class _StopForward(Exception):
 
 
 def _batches(data, tokenizer, batch_size: int, max_length: int, device) -> list[dict]:
+    """Model inputs on ``device``: texts batched as training batches them (dlo/batching.py), or given batches."""
     data = list(data)
     if data and isinstance(data[0], str):
         if tokenizer is None:
             raise ValueError("calibrate() got raw texts: pass tokenizer= to tokenise them")
-        out = []
-        for start in range(0, len(data), batch_size):
-            enc = tokenizer(data[start:start + batch_size], return_tensors="pt", padding=True,
-                            truncation=True, max_length=max_length)
-            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-        data = out
+        data = batches(text_examples(tokenizer, data, max_length), batch_size, pad_token_id(tokenizer))
     if not data:
         raise ValueError("calibrate() needs at least one text or batch")
-    # position_ids: packed rows (data.packing) keep their examples apart only with them
-    return [{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask", "position_ids")}
-            for b in data]
+    return [to_device(b, device, MODEL_INPUTS) for b in data]
 
 
 @torch.no_grad()

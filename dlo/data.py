@@ -18,12 +18,10 @@ import json
 import os
 from dataclasses import dataclass
 
-import torch
-
+from dlo.batching import IGNORE_INDEX
 from dlo.chat import assistant_token_mask, check_messages, json_kind
 from dlo.errors import UserError
 
-IGNORE_INDEX = -100
 COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion")}
 
 
@@ -199,28 +197,3 @@ def build_sft_dataset(tokenizer, path: str, max_length: int, limit: int | None =
         if not examples:
             raise UserError(f"{path}: packing into blocks of {max_length} tokens left no full block")
     return examples, counts
-
-
-@dataclass
-class SFTCollator:
-    """Right-pads a list of tokenised examples into a batch; padded labels are ignored. Packed blocks (``pack``) are
-    all full: they go as they are, with their position ids and no padding mask (which would make the model attend
-    across the examples of a block)."""
-
-    pad_token_id: int
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if "position_ids" in examples[0]:
-            if len({len(e["input_ids"]) for e in examples}) != 1:
-                raise ValueError("packed blocks of different lengths: pack() cuts them all to one length")
-            return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "labels", "position_ids")}
-        T = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), T), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(examples), T), dtype=torch.long)
-        for b, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[b, :n] = torch.tensor(e["input_ids"])
-            labels[b, :n] = torch.tensor(e["labels"])
-            mask[b, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

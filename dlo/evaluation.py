@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dlo.data import IGNORE_INDEX as IGNORE
+from dlo.batching import IGNORE_INDEX as IGNORE
+from dlo.batching import MODEL_INPUTS, batches, pad_token_id, to_device
 from dlo.data import load_records, tokenize_record
 from dlo.modeling import decoder_layers, routed_layers
 
@@ -52,33 +53,14 @@ def encode(record: dict, tokenizer, max_length: int) -> tuple[list[int], list[in
     return example["input_ids"], example["labels"]
 
 
-def make_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> list[dict]:
-    """Right-padded batches of input_ids, attention_mask and labels (IGNORE on padding)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    batches = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        T = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), T), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for row, (i, lab) in enumerate(chunk):
-            ids[row, :len(i)] = torch.tensor(i)
-            labels[row, :len(lab)] = torch.tensor(lab)
-            mask[row, :len(i)] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-    return batches
-
-
 def load_batches(path: str, tokenizer, batch_size: int, max_length: int, max_samples: int | None = None):
+    """Right-padded batches of an eval file's records, built as training builds them (dlo/batching.py)."""
     records = read_eval_records(path, max_samples)
     encoded = [encode(r, tokenizer, max_length) for r in records]
-    encoded = [e for e in encoded if e[0]]
-    if not encoded:
+    examples = [{"input_ids": ids, "labels": labels} for ids, labels in encoded if ids]
+    if not examples:
         raise ValueError(f"{path}: every record tokenises to nothing")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return make_batches(encoded, batch_size, pad_id)
+    return batches(examples, batch_size, pad_token_id(tokenizer))
 
 
 @dataclass
@@ -141,10 +123,11 @@ def evaluate(model, batches: list[dict], num_examples: int = 0, max_scores: int 
     model.eval()
     try:
         for batch in tqdm(batches, desc=desc, disable=not progress):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            mask = batch["attention_mask"].bool()
+            batch = to_device(batch, device)
+            # Packed blocks (data.packing) have no padding: position ids keep their examples apart.
+            mask = batch["attention_mask"].bool() if "attention_mask" in batch else batch["input_ids"] >= 0
             valid_now["mask"] = mask.float()
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+            out = model(**to_device(batch, device, MODEL_INPUTS), use_cache=False,
                         **({"output_router_logits": True} if routed else {}))
             logits = out.logits
             records = dict(zip((layer.layer_index for layer in routed), out.routing)) if routed else {}

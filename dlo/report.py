@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlo import flops as F
+from dlo.batching import to_device
 from dlo.evaluation import EvalResult, evaluate, perplexity
 from dlo.modeling import decoder_layers, forced_routing, routed_layers, routing_state, stock_model_class
 
@@ -97,7 +98,7 @@ def measure_timing(model, batch: dict, warmup: int = 1, repeats: int = 3, progre
     costs do not favour whichever case would otherwise be timed last.
     """
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = to_device(batch, device)
     routed = bool(routed_layers(model))
 
     def prefill():

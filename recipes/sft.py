@@ -30,10 +30,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
 import dlo
+from dlo.batching import MODEL_INPUTS, SFTCollator, batches
 from dlo.checkpoints import check_weights, read_config, resolve_model_dir
-from dlo.data import DataCounts, SFTCollator, build_sft_dataset
+from dlo.data import DataCounts, build_sft_dataset
 from dlo.distributed import save_pretrained_gathered
 from dlo.errors import EXIT_USER_ERROR, USER_ERRORS, UserError, debug_enabled, run_entry_point
+from dlo.evaluation import evaluate
 from dlo.export import shared_repetitions
 from dlo.model_card import write_model_card
 from dlo.modeling import decoder_layers, materialise_repetitions, routed_layers
@@ -52,6 +54,8 @@ from dlo.validation import Boolean
 RUN_CONFIG_FILE = "recipe_config.yaml"
 FINAL_DIR = "final"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+MEASURE_BATCH = 8  # batch size of calibration and of the realised-capacity measurement
+REALISED_SAMPLES = 64  # examples the realised capacity is measured on
 
 
 def parse_args(argv):
@@ -228,14 +232,6 @@ def add_lora(model, cfg: RecipeConfig):
     return get_peft_model(model, lora)
 
 
-def calibration_batches(examples: list[dict], collator: SFTCollator, n: int, batch_size: int = 8):
-    picked = examples[:n]
-    return [
-        {k: v for k, v in collator(picked[i:i + batch_size]).items() if k != "labels"}
-        for i in range(0, len(picked), batch_size)
-    ]
-
-
 def print_summary(summary: dict):
     print("\n== dlo sft summary ==")
     for key in ("steps", "train_task_loss", "eval_loss", "eval_perplexity", "train_seconds"):
@@ -369,18 +365,21 @@ def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts:
                "data": {split: dataclasses.asdict(c) for split, c in counts.items()}}
     if routed and cfg.calibration_samples > 0:
         # Calibrate on training text; realised capacity is then measured on held-out text.
-        batches = calibration_batches(train, collator, cfg.calibration_samples)
-        dlo.calibrate(model, batches, progress=is_main)
+        picked = train[:cfg.calibration_samples]
+        dlo.calibrate(model, batches(picked, MEASURE_BATCH, collator.pad_token_id, MODEL_INPUTS), progress=is_main)
     if evaluation is not None:
         metrics = trainer.evaluate()
         summary["eval_loss"] = round(metrics["eval_loss"], 4)
         summary["eval_perplexity"] = round(float(torch.exp(torch.tensor(metrics["eval_loss"]))), 3)
     if routed:
-        realised = _realised_capacity(model, evaluation or train, collator)
+        # Share of valid tokens each routed layer runs at inference (causal thresholds).
+        picked = (evaluation or train)[:REALISED_SAMPLES]
+        realised = evaluate(model, batches(picked, MEASURE_BATCH, collator.pad_token_id), progress=False).capacity
         summary["layers"] = [
             {"layer": layer.layer_index, "target_capacity": round(layer.target_capacity, 4),
-             "realised_capacity": round(r, 4), "threshold": round(float(layer.threshold()), 5)}
-            for layer, r in zip(routed, realised)
+             "realised_capacity": round(realised[layer.layer_index], 4),
+             "threshold": round(float(layer.threshold()), 5)}
+            for layer in routed
         ]
     final_dir = os.path.join(cfg.output_dir, FINAL_DIR)
     summary["final_dir"] = final_dir
@@ -393,23 +392,6 @@ def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts:
             json.dump(summary, fh, indent=2)
         write_model_card(final_dir, base_model=cfg.model.path, extra={"training data": cfg.data.train_file})
         print_summary(summary)
-
-
-@torch.no_grad()
-def _realised_capacity(model, examples, collator, n: int = 64) -> list[float]:
-    """Share of valid tokens each routed layer runs at inference (causal thresholds), on ``examples``."""
-    model.eval()
-    layers = routed_layers(model)
-    ran = torch.zeros(len(layers))
-    total = torch.zeros(len(layers))
-    device = next(model.parameters()).device
-    for batch in calibration_batches(examples, collator, n):
-        records = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False,
-                        output_router_logits=True).routing
-        for i, record in enumerate(records):
-            ran[i] += (record.selected & record.valid).sum().item()
-            total[i] += record.valid.sum().item()
-    return (ran / total.clamp(min=1)).tolist()
 
 
 if __name__ == "__main__":

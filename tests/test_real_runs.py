@@ -104,14 +104,14 @@ def test_bf16_cached_generation_equals_cache_free(bf16_routed):
 
 
 def test_bf16_report_and_export(bf16_routed, tmp_path):
-    from dlo.evaluation import make_batches
+    from dlo.batching import batches
     from dlo.report import build_report
 
     model = copy.deepcopy(bf16_routed).eval()
     dlo.calibrate(model, [{"input_ids": _ids(4, 32, 4)}], progress=False)
     ids = _ids(3, 20, 5)
-    batches = make_batches([(row.tolist(), row.tolist()) for row in ids], batch_size=3, pad_id=0)
-    report, _ = build_report(model, batches, warmup=0, repeats=1, progress=False)
+    eval_batches = batches([{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids], batch_size=3, pad_id=0)
+    report, _ = build_report(model, eval_batches, warmup=0, repeats=1, progress=False)
     assert 0 < report["eval"]["loss"] < 20
     assert all(0 < row["capacity"] <= 1 for row in report["layers"])
     exported = dlo.export_static(model, num_layers=6)

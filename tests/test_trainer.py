@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaForCausalLM, TrainingArguments
 
 import dlo
-from dlo.data import SFTCollator
+from dlo.batching import SFTCollator
 from dlo.trainer import DloTrainer
 
 LAMBDA = 0.5

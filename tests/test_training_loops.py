@@ -14,7 +14,7 @@ from datasets import Dataset
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 import dlo
-from dlo.data import SFTCollator
+from dlo.batching import SFTCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH, LR = 5, 4, 0.2
