@@ -31,7 +31,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 import dlo
 from dlo.batching import MODEL_INPUTS, SFTCollator, batches
-from dlo.checkpoints import check_weights, read_config, resolve_model_dir
+from dlo.checkpoints import atomic_output_dir, check_weights, read_config, resolve_model_dir
 from dlo.data import DataCounts, build_sft_dataset
 from dlo.distributed import save_pretrained_gathered
 from dlo.errors import EXIT_USER_ERROR, USER_ERRORS, UserError, debug_enabled, run_entry_point
@@ -385,12 +385,17 @@ def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts:
     summary["final_dir"] = final_dir
     if cfg.data.packing:
         model.config.use_cache = True  # off for packed training only: the saved model generates with its cache
-    save_pretrained_gathered(model, final_dir)  # every rank: FSDP shards and ZeRO-3 partitions are gathered
+    # final/ appears whole or not at all (an interrupted save leaves no final/ that would mark the run finished):
+    # the main process writes into a hidden sibling that becomes final/ once every file is in.
+    writing = atomic_output_dir(final_dir) if is_main else contextlib.nullcontext(final_dir)
+    with writing as target:
+        save_pretrained_gathered(model, target)  # every rank: FSDP shards and ZeRO-3 partitions are gathered
+        if is_main:
+            tokenizer.save_pretrained(target)
+            with open(os.path.join(target, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=2)
+            write_model_card(target, base_model=cfg.model.path, extra={"training data": cfg.data.train_file})
     if is_main:
-        tokenizer.save_pretrained(final_dir)
-        with open(os.path.join(final_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
-        write_model_card(final_dir, base_model=cfg.model.path, extra={"training data": cfg.data.train_file})
         print_summary(summary)
 
 

@@ -72,3 +72,17 @@ def test_flops_ratio_is_logged_and_matches_a_hand_count(tiny_llama_config, tmp_p
     skipping = 2 * (24576 + 1152 + 49152) + 2 * 128 + 12416
     assert routed_over_dense_ratio(model, seq_len=8, capacities=[0.0, 0.0]) == pytest.approx(skipping / dense)
     assert routed_over_dense_ratio(model, seq_len=8, capacities=[1.0, 1.0]) == pytest.approx((dense + 256) / dense)
+
+
+def test_the_process_sigterm_handler_is_restored_after_training(tiny_llama_config, tmp_path):
+    import signal
+
+    def own_handler(signum, frame):  # what the process had installed before training
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own_handler)
+    try:
+        _train_one_step(tiny_llama_config, tmp_path, batch=4, accumulation=1)
+        assert signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
