@@ -48,9 +48,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 import dlo
+from dlo.batching import IGNORE_INDEX, pad_token_id
+from dlo.batching import batches as make_batches
 from dlo.checkpoints import read_config, resolve_model_dir
-from dlo.data import IGNORE_INDEX
-from dlo.evaluation import encode, evaluate, load_batches, make_batches, read_eval_records
+from dlo.evaluation import encode, evaluate, load_batches, read_eval_records
 from dlo.expansion import ExpansionPlan
 from dlo.export import export_static, save_export
 from dlo.flops import flop_unit, model_flops
@@ -418,8 +419,8 @@ class EvalData:
         groups = [PROMPT, *cfg.eval.groups]
         group_of = {c: groups.index(g) for g, classes in cfg.eval.groups.items() for c in classes}
         records = read_eval_records(path, cfg.eval.max_samples)
-        encoded = [encode(r, tokenizer, max_length) for r in records]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        encoded = [dict(zip(("input_ids", "labels"), encode(r, tokenizer, max_length))) for r in records]
+        pad = pad_token_id(tokenizer)
         batches = make_batches(encoded, cfg.eval.batch_size, pad)
         for n, batch in enumerate(batches):
             chunk = records[n * cfg.eval.batch_size:(n + 1) * cfg.eval.batch_size]

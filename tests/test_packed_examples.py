@@ -14,7 +14,8 @@ from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import dlo
 from dlo import attention
-from dlo.data import IGNORE_INDEX, SFTCollator, pack
+from dlo.batching import IGNORE_INDEX, SFTCollator
+from dlo.data import pack
 from dlo.routing import RoutedDecoderLayer
 
 T = 24

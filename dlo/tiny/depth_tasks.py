@@ -38,7 +38,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dlo.data import SFTCollator, build_sft_dataset
+from dlo.batching import SFTCollator
+from dlo.data import build_sft_dataset
 from dlo.tiny.pretrain import generation_config, tiny_llama_config
 from dlo.tiny.sft_data import write_jsonl
 from dlo.tiny.tokenizer import BOS, CHAT_TEMPLATE, END, EOS, PAD, ROLE_MARKERS, SPECIAL_TOKENS
