@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call, for an environment that already has a CUDA torch and dlo installed:
 # the gpu-marked tests (compiled Triton kernels vs torch twins, fp32/bf16/fp16, and a routed model's forward and
-# backward with DLO_KERNELS=triton against the torch path), the benchmarks at GPU sizes, then the SFT recipe
-# sharded with FSDP2 and DeepSpeed ZeRO-3 against one unsharded process (docs/DISTRIBUTED.md).
+# backward with DLO_KERNELS=triton against the torch path), the benchmarks at GPU sizes (compiled training steps
+# included), then the SFT recipe sharded with FSDP2 and DeepSpeed ZeRO-3 against one unsharded process
+# (docs/DISTRIBUTED.md).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      # default runs/gpu; logs and JSON land there
 #
@@ -31,6 +32,7 @@ stage layer "$PY" benchmarks/layer.py --capacities 1.0 0.5 0.25 --out "$OUT/laye
 stage model "$PY" benchmarks/model.py --capacities 0.5 0.25 --out "$OUT/model.json"
 stage long-seq "$PY" benchmarks/long_seq.py --seqs 2048 4096 8192 --out "$OUT/long_seq.json"
 stage similarity "$PY" benchmarks/similarity.py --out "$OUT/similarity.json"
+stage compiled "$PY" benchmarks/compiled.py --out "$OUT/compiled.json"  # inductor (Triton) vs eager training steps
 stage decode "$PY" benchmarks/decode.py --sizes 1024,4096 --dtype bfloat16 --batch-sizes 1,8,32,64 \
     --out "$OUT/decode.json"
 # Static caches, decode steps compiled with mode="reduce-overhead" (CUDA graphs) for every variant: the routed
