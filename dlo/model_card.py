@@ -37,13 +37,16 @@ SUMMARY_LABELS = {"steps": "optimizer steps", "train_seconds": "training time (s
                   "eval_perplexity": "eval perplexity"}
 
 
-def write_model_card(directory: str, *, base_model: str | None = None, extra: dict | None = None) -> str | None:
+def write_model_card(directory: str, *, base_model: str | None = None, extra: dict | None = None,
+                     location: str | None = None) -> str | None:
     """Write ``directory/README.md`` and return its path; ``None`` for a peft adapter directory, whose card
     peft's ``save_pretrained`` writes.
 
     ``base_model``: the directory or Hub id this model was made from (default: an export's source, from
     ``export.json``); its card supplies license, datasets and attribution. ``extra``: facts the files do
-    not hold (e.g. ``{"training data": "assets/tiny/sft/train.jsonl"}``), listed under "Details".
+    not hold (e.g. ``{"training data": "assets/tiny/sft/train.jsonl"}``), listed under "Details". ``location``:
+    the path the loading example names (default: ``directory``), for a card written into a directory that is
+    renamed to its final path once complete.
     """
     if os.path.isfile(os.path.join(directory, "adapter_config.json")):
         return None
@@ -64,7 +67,7 @@ def write_model_card(directory: str, *, base_model: str | None = None, extra: di
         sections.append(_export_section(config["dlo_export"], files["export"]))
     if extra:
         sections.append("## Details\n\n" + _table(["", "value"], [[key, value] for key, value in extra.items()]))
-    sections.append(_loading_section(config, directory))
+    sections.append(_loading_section(config, directory, location or directory))
     sections.append(_attribution_section(base))
     text = "---\n" + front_matter(_metadata(config, base)) + "---\n\n" + "\n\n".join(sections) + "\n"
     path = os.path.join(directory, CARD_FILE)
@@ -339,12 +342,13 @@ def _export_section(info: dict, record: dict) -> str:
     return "\n\n".join(lines)
 
 
-def _loading_section(config: dict, directory: str) -> str:
+def _loading_section(config: dict, directory: str, location: str) -> str:
+    """How to load the model: code naming ``location``; what it needs, from the files in ``directory``."""
     if _kind(config) == "routed" or config.get("dlo_repetitions"):
-        code = (f"import dlo\n\nmodel = dlo.load_model({directory!r})                # capacity=0.4 changes the "
+        code = (f"import dlo\n\nmodel = dlo.load_model({location!r})                # capacity=0.4 changes the "
                 "share of tokens that run\n\n"
                 "from transformers import AutoModelForCausalLM\n\n"
-                f"model = AutoModelForCausalLM.from_pretrained({directory!r}, trust_remote_code=True)")
+                f"model = AutoModelForCausalLM.from_pretrained({location!r}, trust_remote_code=True)")
         if os.path.isfile(os.path.join(directory, SELF_CONTAINED_CODE)):
             remote = ("needs transformers and torch only: the checkpoint carries its modeling code, which uses dlo's "
                       "own classes and Triton kernels when dlo is installed")
@@ -354,7 +358,7 @@ def _loading_section(config: dict, directory: str) -> str:
                 f"{remote}.")
     else:
         code = ("from transformers import AutoModelForCausalLM\n\n"
-                f"model = AutoModelForCausalLM.from_pretrained({directory!r})")
+                f"model = AutoModelForCausalLM.from_pretrained({location!r})")
         note = f"A plain `{_architecture(config)}`: it loads without dlo and without custom code."
         if _kind(config) == "expanded":
             note += (" To route it: `dlo.attach_routers(model, dlo.RoutingConfig(layers=\"new\"))`, then train "

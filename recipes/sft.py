@@ -394,7 +394,8 @@ def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts:
             tokenizer.save_pretrained(target)
             with open(os.path.join(target, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=2)
-            write_model_card(target, base_model=cfg.model.path, extra={"training data": cfg.data.train_file})
+            write_model_card(target, base_model=cfg.model.path, extra={"training data": cfg.data.train_file},
+                             location=final_dir)
     if is_main:
         print_summary(summary)
 

@@ -21,11 +21,11 @@ def _examples(vocab: int, n: int = 4, length: int = 12) -> list[dict]:
     return out
 
 
-def _train_one_step(config, tmp_path, batch: int, accumulation: int):
+def _train_one_step(config, tmp_path, batch: int, accumulation: int, similarity_source: str = "packed"):
     torch.manual_seed(0)
     model = dlo.attach_routers(LlamaForCausalLM(config),
                                dlo.RoutingConfig(layers=[1, 3], capacity=0.5, label="cos", router_loss_weight=LAMBDA,
-                                                 anneal_steps=0))
+                                                 anneal_steps=0, similarity_source=similarity_source))
     for layer in dlo.routed_layers(model):  # distinct scores, so the selection does not hinge on ties
         torch.nn.init.normal_(layer.router.weight, std=0.5)
     args = TrainingArguments(output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch,
@@ -48,8 +48,11 @@ def test_logged_loss_is_task_plus_weighted_router_loss(tiny_llama_config, tmp_pa
 
 
 def test_gradient_accumulation_matches_one_large_batch(tiny_llama_config, tmp_path):
-    full, full_log = _train_one_step(tiny_llama_config, tmp_path, batch=4, accumulation=1)
-    accumulated, acc_log = _train_one_step(tiny_llama_config, tmp_path, batch=2, accumulation=2)
+    # Dense-pass labels: the packed source's soft targets come from a fit over each forward's batch, so an
+    # accumulated micro-batch labels its unmeasured tokens from its own fit (DESIGN.md §2.4).
+    full, full_log = _train_one_step(tiny_llama_config, tmp_path, batch=4, accumulation=1, similarity_source="dense")
+    accumulated, acc_log = _train_one_step(tiny_llama_config, tmp_path, batch=2, accumulation=2,
+                                           similarity_source="dense")
     for key in ("task_loss", "router_loss", "loss"):
         assert acc_log[key] == pytest.approx(full_log[key], abs=2e-3), key
     # One SGD step from the same init: the same update, so the same weights, routers included. (The running
