@@ -28,7 +28,6 @@ class Exploration:
     weight: torch.Tensor  # (B,) float: the row's skipped tokens each sample stands for
 
 
-@torch.compiler.disable
 def sample_skipped(idx: torch.Tensor, active: torch.Tensor, valid: torch.Tensor | None, seq_len: int, seed: int,
                    layer_index: int, row_block: int = 0) -> Exploration | None:
     """Per row, ceil(k * EXPLORE_SHARE) of its valid skipped tokens drawn uniformly (k: the tokens the row runs),
@@ -38,11 +37,20 @@ def sample_skipped(idx: torch.Tensor, active: torch.Tensor, valid: torch.Tensor 
     generator: a gradient-checkpointing recomputation draws the same sample, the model's own randomness (dropout)
     is left untouched, and N ranks or accumulated micro-batches (of equal size) sample exactly what one process
     with the step's whole batch samples, whatever width each batch is padded to.
+
+    Plain tensor ops, so torch.compile traces it inside the layer: a graph break here would compile each routed
+    layer's forward as frames of its own, cached per layer, and dynamo's recompile limit (8 entries per frame;
+    8 routed layers reach it) would leave the layers past it eager.
     """
     B, K = idx.shape
     width = min(seq_len - K, math.ceil(K * EXPLORE_SHARE))  # no row has more skipped tokens than T - K
     if width <= 0:
         return None
+    if width == 1:
+        # Under torch.compile the packed width is dynamic, so E is a symbolic size; one explorer would leave the
+        # stock sdpa attention's `q_length > 1 and ...` a SymBool for SDPA's is_causal, a graph break inside the
+        # layer. The comparison guards (one cache entry each side), and the literal makes E a static 1.
+        width = 1
     device = idx.device
     ran = torch.zeros(B, seq_len, dtype=torch.bool, device=device).scatter_(1, idx, active)
     skipped = ~ran if valid is None else valid & ~ran
