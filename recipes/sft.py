@@ -237,6 +237,9 @@ def print_summary(summary: dict):
     for key in ("steps", "train_task_loss", "eval_loss", "eval_perplexity", "train_seconds"):
         if summary.get(key) is not None:
             print(f"{key:>18}: {summary[key]}")
+    if summary.get("parameters"):
+        print(f"{'parameters':>18}: {summary['parameters']['total']:,} ({summary['parameters']['trainable']:,} "
+              "trainable)")
     for split, c in summary.get("data", {}).items():
         print(f"{split + '_examples':>18}: {c['examples']} of {c['records']} records "
               f"({c['dropped_too_long']} dropped as too long, {c['truncated']} truncated)")
@@ -350,6 +353,9 @@ def main(argv=None):
 
 def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts: dict[str, DataCounts], is_main):
     model = trainer.model
+    # What training held, before adapters merge: model.parameters() yields a shared repetition's tensors once.
+    parameters = {"total": sum(p.numel() for p in model.parameters()),
+                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if cfg.lora is not None and cfg.lora.merge:
         # Each shared repetition's adapters merge into its own copy of the weights: the repetitions stop sharing.
         repeated = shared_repetitions(model)
@@ -360,6 +366,7 @@ def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts:
             materialise_repetitions(model)
     routed = routed_layers(model)
     summary = {"steps": trainer.state.global_step, "train_seconds": round(result.metrics["train_runtime"], 1),
+               "parameters": parameters,
                "train_task_loss": next((h["task_loss"] for h in reversed(trainer.state.log_history)
                                         if "task_loss" in h), None),
                "data": {split: dataclasses.asdict(c) for split, c in counts.items()}}

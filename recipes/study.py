@@ -50,9 +50,10 @@ from transformers.utils import logging as hf_logging
 import dlo
 from dlo.batching import IGNORE_INDEX, pad_token_id
 from dlo.batching import batches as make_batches
-from dlo.checkpoints import read_config, resolve_model_dir
+from dlo.checkpoints import read_config, resolve_model_dir, weight_files
 from dlo.evaluation import encode, evaluate, load_batches, read_eval_records
 from dlo.expansion import ExpansionPlan
+from dlo.expansion_io import expand_checkpoint
 from dlo.export import export_static, save_export
 from dlo.flops import flop_unit, model_flops
 from dlo.modeling import routed_layers
@@ -63,9 +64,9 @@ from dlo.tiny import depth_tasks
 SFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py")
 RECIPE_KEYS = ("calibration_samples", "model", "routing", "data", "training", "lora")
 STUDY_KEYS = ("study_dir", "seeds", "workers", "testbed", "arms", "static", "eval", "timing", "compare")
-# Arms may differ only in depth and routing (and, through train_flops_of, in steps): data, seed and optimiser
-# stay shared.
-ARM_OVERRIDABLE = ("model.expansion", "routing")
+# Arms may differ only in depth, routing and adapters (and, through train_flops_of or train: false, in steps):
+# data, seed and optimiser stay shared.
+ARM_OVERRIDABLE = ("model.expansion", "routing", "lora")
 ARM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 TESTBED_PLACEHOLDER = "{testbed}"
 # Generation may run this many tokens past the longest reference answer, so a model that does not
@@ -155,6 +156,7 @@ class Arm:
     overrides: list[str]
     recipe: dict  # the sft.py config of this arm without seed and output_dir (raw, validated)
     train_flops_of: str | None = None  # train as many steps as give this arm the training FLOPs of that arm
+    train: bool = True  # False: the model as built (expanded, not trained) is measured
 
     @property
     def kind(self) -> str:
@@ -236,10 +238,14 @@ def _with_testbed_paths(node, testbed_dir: str):
 def _make_arm(name, spec, recipe: dict) -> Arm:
     if not ARM_NAME.match(str(name)):
         raise ValueError(f"arm name {name!r}: use letters, digits, '-' and '_' only (it names a directory)")
-    train_flops_of = None
+    train_flops_of, train = None, True
     if isinstance(spec, dict):
-        reject_unknown_keys(f"arms.{name}", spec, ["overrides", "train_flops_of"])
-        overrides, train_flops_of = spec.get("overrides"), spec.get("train_flops_of")
+        reject_unknown_keys(f"arms.{name}", spec, ["overrides", "train_flops_of", "train"])
+        overrides, train_flops_of, train = spec.get("overrides"), spec.get("train_flops_of"), spec.get("train", True)
+        if not isinstance(train, bool):
+            raise ValueError(f"arms.{name}.train={train!r}: must be true or false")
+        if not train and train_flops_of is not None:
+            raise ValueError(f"arms.{name}: train: false and train_flops_of exclude each other")
     else:
         overrides = spec
     overrides = overrides or []
@@ -255,7 +261,10 @@ def _make_arm(name, spec, recipe: dict) -> Arm:
         RecipeConfig.from_dict({**arm_recipe, "output_dir": "unused"})
     except (ValueError, TypeError) as err:
         raise ValueError(f"arm {name!r}: {err}") from err
-    return Arm(str(name), overrides, arm_recipe, train_flops_of)
+    if not train and (arm_recipe.get("routing") is not None or arm_recipe.get("lora") is not None):
+        raise ValueError(f"arms.{name}: train: false measures the model as built (expanded or not); it takes no "
+                         "routing or lora (untrained routers and adapters have nothing to measure)")
+    return Arm(str(name), overrides, arm_recipe, train_flops_of, train)
 
 
 def _check_references(cfg: StudyConfig):
@@ -350,6 +359,12 @@ def train_run(cfg: StudyConfig, arm: Arm, seed: int, config_path: str) -> bool:
     """Train ``arm`` with ``seed`` unless its final model exists; True when it trained now."""
     out = cfg.run_dir(arm, seed)
     recipe = cfg.run_recipe(arm, seed)
+    if not arm.train:
+        if finished(cfg, arm, seed):
+            return False
+        print(f"  {arm.name} seed {seed}: building (not trained)", flush=True)
+        build_untrained(arm, out)
+        return True
     if finished(cfg, arm, seed):
         _check_recorded_config(arm, recipe, out)
         return False
@@ -375,6 +390,21 @@ def train_run(cfg: StudyConfig, arm: Arm, seed: int, config_path: str) -> bool:
         raise RuntimeError(f"arm {arm.name!r} seed {seed}: training failed (exit {proc.returncode}); end of "
                            f"{log_path}:\n{tail}")
     return True
+
+
+def build_untrained(arm: Arm, out: str):
+    """``<out>/final``: the arm's model as built from its base (expanded, or the base itself), no step trained."""
+    shutil.rmtree(out, ignore_errors=True)  # a build that died before summary.json left nothing worth keeping
+    base = resolve_model_dir(arm.recipe["model"]["path"])
+    final = os.path.join(out, "final")
+    spec = arm.recipe["model"].get("expansion")
+    if spec:
+        spec = dict(spec)
+        expand_checkpoint(base, ExpansionPlan.build(spec.pop("strategy"), read_config(base)["num_hidden_layers"],
+                                                    **spec), final)
+    else:
+        shutil.copytree(base, final)
+    _write_json(os.path.join(final, "summary.json"), {"steps": 0, "train_seconds": 0.0})
 
 
 def _check_recorded_config(arm: Arm, recipe: dict, out: str):
@@ -550,8 +580,9 @@ def measure(model, tokenizer, data: EvalData) -> dict:
 
 
 def load_trained(path: str, attn_implementation: str):
-    routed = "dlo_routing" in read_config(path)
-    loader = dlo.load_model if routed else AutoModelForCausalLM.from_pretrained
+    config = read_config(path)
+    dlo_model = "dlo_routing" in config or "dlo_repetitions" in config  # routers or shared repetitions
+    loader = dlo.load_model if dlo_model else AutoModelForCausalLM.from_pretrained
     return loader(path, dtype=torch.float32, attn_implementation=attn_implementation).eval()
 
 
@@ -562,6 +593,12 @@ def _static_model(model, tokenizer, out: str, attn: str, **selection):
     path = save_export(exported, out, tokenizer, dict(info), force=True)
     # Measure what users get: the saved checkpoint, loaded by stock transformers.
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval(), path, info
+
+
+def checkpoint_mib(model_dir: str) -> float:
+    """MiB of the weight files a saved model stores (a shared tensor is stored once)."""
+    files = set(weight_files(model_dir).values())
+    return sum(os.path.getsize(f) for f in files) / 2**20
 
 
 def routing_label(routing) -> str:
@@ -581,8 +618,13 @@ def measure_run(cfg: StudyConfig, arm: Arm, seed: int, tokenizer, data: EvalData
     label = routing_label(model.dlo_routing_config) if arm.kind == "dlo" else None
     common = {"arm": arm.name, "seed": seed, "label": label, "train_seconds": summary["train_seconds"],
               "train_steps": summary["steps"]}
+    measured = measure(model, tokenizer, data)
+    # Memory: what training held (shared repetitions count once; adapters included, before any merge) and what
+    # the saved model stores.
+    trained_params = summary.get("parameters", {"total": measured["parameters"], "trainable": 0})
     rows = [{"name": arm.name, "kind": arm.kind, "model_dir": os.path.join(out, "final"), **common,
-             **measure(model, tokenizer, data)}]
+             "training_parameters": trained_params["total"], "trainable_parameters": trained_params["trainable"],
+             "checkpoint_mib": checkpoint_mib(os.path.join(out, "final")), **measured}]
     derived = []
     if arm.name == cfg.static.dense:
         similarity = evaluate(model, data.calibration, progress=False).similarity
@@ -600,7 +642,8 @@ def measure_run(cfg: StudyConfig, arm: Arm, seed: int, tokenizer, data: EvalData
         static, path, info = _static_model(model, tokenizer, os.path.join(out, "static", name.split("/")[-1]),
                                            attn, **selection)
         rows.append({"name": name, "kind": kind, "model_dir": path, "source": arm.name, "kept": info["kept"],
-                     "dropped": info["dropped"], **common, "label": label, **measure(static, tokenizer, data)})
+                     "dropped": info["dropped"], **common, "label": label, "checkpoint_mib": checkpoint_mib(path),
+                     **measure(static, tokenizer, data)})
     return rows
 
 
@@ -701,7 +744,10 @@ def summarise(rows: list[dict], cfg: StudyConfig, data: EvalData) -> list[dict]:
             continue
         first = mine[0]
         entry = {"name": name, "kind": first["kind"], "label": first["label"], "num_layers": first["num_layers"],
-                 "parameters": first["parameters"], "seeds": [r["seed"] for r in mine]}
+                 "parameters": first["parameters"], "training_parameters": first.get("training_parameters"),
+                 "trainable_parameters": first.get("trainable_parameters"),
+                 "checkpoint_mib": first["checkpoint_mib"], "train_steps": first["train_steps"],
+                 "seeds": [r["seed"] for r in mine]}
         for key in (*METRICS, *group_metrics):
             values = [r[key] for r in mine if r.get(key) is not None]
             entry[key] = interval(values) if values else None
@@ -848,9 +894,19 @@ def markdown_tables(summary: list[dict], pairs: list[dict], groups: list[str]) -
         accs = " | ".join(_pm(p[f"accuracy_{g}"]) for g in groups[1:])
         paired.append(f"| {p['a']} | {p['b']} | {_pm(p['eval_loss'])} | {accs} "
                       f"| {_pm(p['flops_per_token'], 1 / divisor)} |")
+    memory = ["| model | training steps | parameters in training | trainable | parameters stored | checkpoint MiB |",
+              "|---|---|---|---|---|---|"]
+    for e in summary:
+        if e["training_parameters"] is None:  # a static model derived from a trained one: stored only
+            memory.append(f"| {e['name']} | - | - | - | {e['parameters']:,} | {e['checkpoint_mib']:.2f} |")
+        else:
+            memory.append(f"| {e['name']} | {e['train_steps']} | {e['training_parameters']:,} "
+                          f"| {e['trainable_parameters']:,} | {e['parameters']:,} | {e['checkpoint_mib']:.2f} |")
     return "\n".join([*lines, "", "Share of each token group's positions that ran each routed layer (a position "
                       "belongs to the group of the token it predicts):", "", *capacity, "",
-                      "Paired differences a - b over seeds:", "", *paired])
+                      "Paired differences a - b over seeds:", "", *paired, "",
+                      "Memory (shared repetitions count once; under LoRA, training holds the frozen weights and "
+                      "the adapters, and the saved model has the adapters merged):", "", *memory])
 
 
 STYLE = {"base": ("*", "#6b7280"), "dense": ("D", "#111827"), "shortgpt": ("v", "#9333ea"),

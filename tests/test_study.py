@@ -14,12 +14,17 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from dlo.chat import assistant_token_mask
+from dlo.expansion import ExpansionPlan, expand_model
 from dlo.flops import model_flops
 from dlo.tiny import depth_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "study_depth.yaml"
-ARMS = "{base: [model.expansion=null, routing=null], dense: [routing=null], dlo-c050-cos: [routing.capacity=0.5]}"
+FREE_LUNCH = ("shared-untrained: {overrides: [routing=null, \"model.expansion={strategy: slices, "
+              "ranges: '0-1,0-1,0-1', init: copy, shared: true}\"], train: false}, "
+              "shared-lora: [routing=null, model.expansion.shared=true, \"lora={r: 4, alpha: 8}\"]")
+ARMS = ("{base: [model.expansion=null, routing=null], dense: [routing=null], dlo-c050-cos: [routing.capacity=0.5], "
+        + FREE_LUNCH + "}")
 SMALL = [
     "seeds=[0, 1]",
     "workers=2",
@@ -43,7 +48,8 @@ SMALL = [
     "timing.repeats=1",
     "timing.decode_tokens=2",
 ]
-MODELS = ("base", "dense", "dlo-c050-cos", "shortgpt-2L", "dlo-c050-cos/usage-2L")
+MODELS = ("base", "dense", "dlo-c050-cos", "shared-untrained", "shared-lora", "shortgpt-2L", "dlo-c050-cos/usage-2L")
+RUNS = 5 * 2  # arms x seeds
 NUMBERS = ("num_layers", "parameters", "eval_loss", "loss_easy", "loss_hard", "accuracy_easy", "accuracy_hard",
            "exact_match", "flops_per_token", "gain_share", "compute_share")
 TIMES = ("prefill_s", "decode_s", "train_step_s")
@@ -165,7 +171,7 @@ def test_static_models_load_with_plain_transformers(study):
 def test_a_rerun_resumes_the_stopped_run_alone(study):
     study_dir, _ = study
     weights = sorted(study_dir.glob("arms/*/seed*/final/model.safetensors"))
-    assert len(weights) == 3 * 2
+    assert len(weights) == RUNS
     before = {path: path.stat().st_mtime_ns for path in weights}
     # A run stopped after its last checkpoint but before saving the final model resumes; the others are kept.
     stopped = study_dir / "arms" / "dense" / "seed1"
@@ -174,17 +180,53 @@ def test_a_rerun_resumes_the_stopped_run_alone(study):
     (stopped / "final").rmdir()
     # --no-train reports the finished runs only: seed 1 has no dense reference now, so only seed 0 is left.
     proc = run_study(study_dir, "--no-train")
-    assert ": training" not in proc.stdout and "measuring the 5 finished runs" in proc.stdout, proc.stdout
+    assert ": training" not in proc.stdout and f"measuring the {RUNS - 1} finished runs" in proc.stdout, proc.stdout
     partial = study_json(study_dir)
     assert {row["seed"] for row in partial["rows"]} == {0} and len(partial["rows"]) == len(MODELS)
     assert not partial["preregistered"]["testbed"]["holds"] and partial["preregistered"]["question"] == []
     proc = run_study(study_dir)
     assert "seed 1: training (resuming from checkpoint-2)" in proc.stdout, proc.stdout
     assert proc.stdout.count(": training") == 1 and "building the testbed" not in proc.stdout, proc.stdout
-    assert proc.stdout.count("cached") == 3 * 2 - 1
+    assert proc.stdout.count("cached") == RUNS - 1
     assert (stopped / "final" / "summary.json").is_file()
     assert {p: p.stat().st_mtime_ns for p in weights if stopped not in p.parents} == \
         {p: t for p, t in before.items() if stopped not in p.parents}
+
+
+@pytest.mark.slow
+def test_free_lunch_arms_measure_the_expansion_as_built_and_its_memory(study):
+    """An untrained arm is the expansion of the pretrained base, nothing trained; memory counts shared tensors once."""
+    study_dir, _ = study
+    module = load_study_module()
+    cfg = module.load_study_config(str(CONFIG), [f"study_dir={study_dir}", *SMALL])
+    rows = {(row["name"], row["seed"]): row for row in study_json(study_dir)["rows"]}
+    base_dir = study_dir / "testbed" / "base"
+    pretrained = AutoModelForCausalLM.from_pretrained(base_dir)
+    width = pretrained.config.hidden_size
+    layer = sum(p.numel() for p in pretrained.model.layers[0].parameters())
+    plan = ExpansionPlan.slices("0-1,0-1,0-1", init="copy", shared=True)
+    built = expand_model(AutoModelForCausalLM.from_pretrained(base_dir), plan).eval()
+    records = [json.loads(line) for line in (study_dir / "testbed" / "data" / "eval.jsonl").read_text().splitlines()]
+    direct = direct_token_classes(built, AutoTokenizer.from_pretrained(base_dir), records[:cfg.eval.max_samples],
+                                  cfg.eval.groups)
+    base_params = sum(p.numel() for p in pretrained.parameters())
+    for seed in (0, 1):
+        base, dense, untrained, lora = (rows[(n, seed)] for n in ("base", "dense", "shared-untrained", "shared-lora"))
+        assert untrained["train_steps"] == 0 and untrained["num_layers"] == 3
+        assert untrained["eval_loss"] == pytest.approx(direct["eval_loss"], abs=1e-4)
+        assert untrained["accuracy_hard"] == pytest.approx(direct["accuracy_hard"], abs=1e-6)
+        # Two repetitions add two residual scales of `width` each; copies add two whole layers.
+        assert untrained["parameters"] == base["parameters"] + 2 * 2 * width == base_params + 4 * width
+        assert dense["parameters"] == base["parameters"] + 2 * layer
+        assert untrained["checkpoint_mib"] < 0.8 * dense["checkpoint_mib"]
+        assert untrained["checkpoint_mib"] == pytest.approx(base["checkpoint_mib"], rel=0.02)
+        # LoRA freezes the base's weights, and the originals of the residual scales it trains as copies
+        # (peft's modules_to_save); the saved model has its adapters merged into copies.
+        assert lora["training_parameters"] - lora["trainable_parameters"] == base_params + 4 * width
+        assert 4 * width < lora["trainable_parameters"] < layer
+        assert lora["parameters"] == dense["parameters"] and lora["train_steps"] == 2
+    table = (study_dir / "study.md").read_text()
+    assert f"| shared-untrained | 0 | {base_params + 4 * width:,} | 0 |" in table
 
 
 def direct_token_classes(model, tokenizer, records: list[dict], groups: dict[str, list[str]]) -> dict:
@@ -271,6 +313,10 @@ def test_bad_config_is_refused_with_a_clear_error():
         study.load_study_config(str(CONFIG), ["seeds=[3]"])
     with pytest.raises(ValueError, match=r"arms.long.train_flops_of='dlo-c999' is not an arm"):
         study.load_study_config(str(CONFIG), ["arms.long={overrides: [routing=null], train_flops_of: dlo-c999}"])
+    with pytest.raises(ValueError, match=r"arms.raw: train: false measures the model as built .* takes no routing"):
+        study.load_study_config(str(CONFIG), ["arms.raw={overrides: [routing.capacity=0.5], train: false}"])
+    with pytest.raises(ValueError, match=r"arms.raw.train='no': must be true or false"):
+        study.load_study_config(str(CONFIG), ["arms.raw={overrides: [routing=null], train: 'no'}"])
     with pytest.raises(ValueError, match=r"compare entry \['dense', 'nothing'\]"):
         study.load_study_config(str(CONFIG), ["compare=[[dense, nothing]]"])
 
@@ -305,3 +351,12 @@ def test_the_full_config_names_every_arm_of_the_study():
         assert packed.get("similarity_source", "packed") == "packed" and reference["similarity_source"] == "dense"
         assert {**packed, "similarity_source": "dense"} == reference
     assert {"llama-pro", "dus", "base-long"} <= set(raw["arms"])
+    # "Is layer duplication a free lunch?": untrained and trained shared repetitions, against the copies and base.
+    assert not cfg.arm("base-untrained").train and not cfg.arm("shared-untrained").train
+    assert cfg.arm("shared-untrained").recipe["model"]["expansion"]["shared"] is True
+    dense = cfg.arm("dense").recipe
+    for name in ("shared", "shared-lora"):
+        recipe = cfg.arm(name).recipe
+        assert recipe["model"]["expansion"] == {**dense["model"]["expansion"], "shared": True}
+        assert recipe["training"] == dense["training"] and recipe["routing"] is None
+    assert cfg.arm("shared-lora").recipe["lora"]["r"] >= 1 and cfg.arm("shared").recipe.get("lora") is None
