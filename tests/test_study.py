@@ -84,6 +84,13 @@ def study_json(study_dir) -> dict:
     return json.loads((study_dir / "study.json").read_text())
 
 
+def study_rows(study_dir):
+    """The study module, the tiny study's config and its rows by (model, seed)."""
+    module = load_study_module()
+    cfg = module.load_study_config(str(CONFIG), [f"study_dir={study_dir}", *SMALL])
+    return module, cfg, {(row["name"], row["seed"]): row for row in study_json(study_dir)["rows"]}
+
+
 def test_testbed_records_label_every_answer_token():
     task = depth_tasks.TaskSpec()
     tokenizer = depth_tasks.build_tokenizer(task)
@@ -197,9 +204,7 @@ def test_a_rerun_resumes_the_stopped_run_alone(study):
 def test_free_lunch_arms_measure_the_expansion_as_built_and_its_memory(study):
     """An untrained arm is the expansion of the pretrained base, nothing trained; memory counts shared tensors once."""
     study_dir, _ = study
-    module = load_study_module()
-    cfg = module.load_study_config(str(CONFIG), [f"study_dir={study_dir}", *SMALL])
-    rows = {(row["name"], row["seed"]): row for row in study_json(study_dir)["rows"]}
+    _, cfg, rows = study_rows(study_dir)
     base_dir = study_dir / "testbed" / "base"
     pretrained = AutoModelForCausalLM.from_pretrained(base_dir)
     width = pretrained.config.hidden_size
@@ -261,9 +266,7 @@ def direct_token_classes(model, tokenizer, records: list[dict], groups: dict[str
 def test_token_class_figures_match_a_direct_computation(study):
     """The study's batched, padded token pass against each record run alone, class by class."""
     study_dir, _ = study
-    module = load_study_module()
-    cfg = module.load_study_config(str(CONFIG), [f"study_dir={study_dir}", *SMALL])
-    rows = {(row["name"], row["seed"]): row for row in study_json(study_dir)["rows"]}
+    module, cfg, rows = study_rows(study_dir)
     records = [json.loads(line) for line in (study_dir / "testbed" / "data" / "eval.jsonl").read_text().splitlines()]
     records = records[:cfg.eval.max_samples]
     for name in ("dlo-c050-cos", "shortgpt-2L"):
@@ -345,7 +348,7 @@ def test_the_full_config_names_every_arm_of_the_study():
     assert len(cfg.seeds) >= 3 and cfg.static.dense == "dense" and cfg.static.base == "base"
     kinds = {arm.name: arm.kind for arm in cfg.arms}
     assert {name for name, kind in kinds.items() if kind == "dlo"} == {
-        f"dlo-c{c}-{label}" for c in ("075", "050", "025") for label in ("cos", "self", "cosd")}
+        f"dlo-c{c}-{label}" for c in ("075", "050", "025") for label in ("cos", "self", "cosd")} | {"shared-dlo-c050"}
     for c in ("075", "050", "025"):  # the dense-similarity reference of each packed-estimator arm
         packed, reference = (cfg.arm(f"dlo-c{c}-{label}").recipe["routing"] for label in ("cos", "cosd"))
         assert packed.get("similarity_source", "packed") == "packed" and reference["similarity_source"] == "dense"
@@ -360,3 +363,6 @@ def test_the_full_config_names_every_arm_of_the_study():
         assert recipe["model"]["expansion"] == {**dense["model"]["expansion"], "shared": True}
         assert recipe["training"] == dense["training"] and recipe["routing"] is None
     assert cfg.arm("shared-lora").recipe["lora"]["r"] >= 1 and cfg.arm("shared").recipe.get("lora") is None
+    routed_shared, routed = cfg.arm("shared-dlo-c050").recipe, cfg.arm("dlo-c050-cos").recipe
+    assert routed_shared["routing"] == routed["routing"]
+    assert routed_shared["model"]["expansion"] == {**routed["model"]["expansion"], "shared": True}
