@@ -326,47 +326,11 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
         # training already holds packed K/V no decode may read).
         explore = sample_skipped(idx, active, valid, T, routing.similarity_seed, self.layer_index, routing.row_block) \
             if measure and not in_order and layer_cache is None else None
-        config = self.self_attn.config
         # The model separates packed examples only without a cache (transformers' rule).
         examples = None if any(kwargs.get(k) is not None for k in CACHE_KWARGS) else routing.example_ids
         path = self._attention_path(attention_mask, routing, T, layer_cache is not None, examples is not None)
-        window = layer_window(config, self.layer_index)
-        additive = h.dtype if config._attn_implementation == "eager" else None
-        varlen = {}  # flash attention's variable-length arguments
-        if path == FLASH:
-            check_flash_window(config, self.layer_index, T + (0 if layer_cache is None else layer_cache.seen))
-            if explore is not None:
-                check_block_attention(config._attn_implementation, samples_skipped=True)
-            if not in_order:  # flash_varlen wants each row's running tokens first
-                idx, active, gate = running_first(idx, active, gate)
-        if layer_cache is not None:
-            # Queries attend the tokens this layer stored for their row, the chunk's selected ones included. The
-            # model sized its mask for this chunk as the cache layer does before booking it (for a sliding window
-            # the columns start at the first index the chunk can see).
-            _, first_column = layer_cache.get_mask_sizes(T)
-            offset = layer_cache.reserve(idx, active, T)
-            if path == FLASH:
-                mask, varlen = None, flash_varlen(active, layer_cache.valid)
-            elif path == REFERENCE:
-                mask = packed_attention_mask(attention_mask, idx, layer_cache.slots, layer_cache.valid, offset,
-                                             first_column)
-            else:
-                mask = position_mask(idx + offset, layer_cache.slots, layer_cache.valid, window, attention_mask,
-                                     additive)
-        elif in_order and key_ok is None:
-            mask = attention_mask
-        elif path == FLASH:
-            ok = active if key_ok is not None else torch.ones_like(active)
-            mask, varlen = None, flash_varlen(ok, ok)
-        elif path == CAUSAL:
-            # Running tokens first (dlo/attention.py): plain causal attention, no (B, heads, K, K) mask.
-            if key_ok is not None:
-                idx, active, gate = running_first(idx, active, gate)
-            mask = None
-        elif path == REFERENCE:
-            mask = packed_attention_mask(attention_mask, idx, idx, key_ok)
-        else:
-            mask = position_mask(idx, idx, key_ok, window, attention_mask, additive, examples)
+        idx, active, gate, mask, varlen = self._packed_attention(path, attention_mask, idx, active, gate, key_ok,
+                                                                 in_order, layer_cache, examples, explore, T, h.dtype)
         if varlen:
             kwargs = {**kwargs, **varlen}
         keys = None if explore is None else KeyRecorder(_model_cache(kwargs))  # the running K/V, for the sample
@@ -389,6 +353,49 @@ class RoutedDecoderLayer(GradientCheckpointingLayer):
             log_norm = input_log_norm(h)
         self._record(routing, logits, idx, active, valid, capacity, similarity, weight, log_norm)
         return y
+
+    def _packed_attention(self, path: str, attention_mask, idx, active, gate, key_ok, in_order: bool, layer_cache,
+                          examples, explore, seq_len: int, dtype):
+        """How the packed slots attend on ``path``: ``(idx, active, gate, mask, varlen)``, the selection in the
+        order the path wants it (running tokens first for causal and flash), the mask for the stock layer's call
+        (None where the kernel's own causal rule suffices) and flash attention's variable-length arguments.
+        With a routed cache the chunk's selected tokens are booked into it here (``reserve``)."""
+        config = self.self_attn.config
+        window = layer_window(config, self.layer_index)
+        additive = dtype if config._attn_implementation == "eager" else None
+        if path == FLASH:
+            seen = 0 if layer_cache is None else layer_cache.seen
+            check_flash_window(config, self.layer_index, seq_len + seen)
+            if explore is not None:
+                check_block_attention(config._attn_implementation, samples_skipped=True)
+            if not in_order:  # flash_varlen wants each row's running tokens first
+                idx, active, gate = running_first(idx, active, gate)
+        if layer_cache is not None:
+            # Queries attend the tokens this layer stored for their row, the chunk's selected ones included. The
+            # model sized its mask for this chunk as the cache layer does before booking it (for a sliding window
+            # the columns start at the first index the chunk can see).
+            _, first_column = layer_cache.get_mask_sizes(seq_len)
+            offset = layer_cache.reserve(idx, active, seq_len)
+            if path == FLASH:
+                return idx, active, gate, None, flash_varlen(active, layer_cache.valid)
+            if path == REFERENCE:
+                return idx, active, gate, packed_attention_mask(attention_mask, idx, layer_cache.slots,
+                                                                layer_cache.valid, offset, first_column), {}
+            return idx, active, gate, position_mask(idx + offset, layer_cache.slots, layer_cache.valid, window,
+                                                    attention_mask, additive), {}
+        if in_order and key_ok is None:
+            return idx, active, gate, attention_mask, {}
+        if path == FLASH:
+            ok = active if key_ok is not None else torch.ones_like(active)
+            return idx, active, gate, None, flash_varlen(ok, ok)
+        if path == CAUSAL:
+            # Running tokens first (dlo/attention.py): plain causal attention, no (B, heads, K, K) mask.
+            if key_ok is not None:
+                idx, active, gate = running_first(idx, active, gate)
+            return idx, active, gate, None, {}
+        if path == REFERENCE:
+            return idx, active, gate, packed_attention_mask(attention_mask, idx, idx, key_ok), {}
+        return idx, active, gate, position_mask(idx, idx, key_ok, window, attention_mask, additive, examples), {}
 
     def _attention_path(self, attention_mask, routing, seq_len: int, cached: bool, examples: bool) -> str:
         """How this layer's packed batch attends (dlo/attention.py): causal, positions, reference or flash."""

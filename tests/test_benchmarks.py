@@ -125,3 +125,23 @@ def test_compiled_benchmark_json(tmp_path):
     # model trains as the eager one does.
     assert rows["routed+c"]["graphs_after_warmup"] == 0 and info["recompile_limit_hits"] == 0
     assert rows["routed+c"]["loss_max_abs_diff"] < 1e-4 and rows["dense+c"]["loss_max_abs_diff"] < 1e-4
+
+
+def test_frankenmodel_benchmark_json(tmp_path):
+    """Three short recipe runs: the base, the middle third repeated as copies, and as shared repetitions."""
+    from transformers import AutoConfig
+
+    result = run_benchmark("frankenmodel.py", tmp_path / "frankenmodel.json", "--quick")
+    base, copied, shared = (result["arms"][name] for name in ("base", "copied", "shared"))
+    config = AutoConfig.from_pretrained(ROOT / "assets" / "tiny" / "base")
+    d = config.hidden_size
+    # Two repetitions, each adding two residual scales of d and a router (d weights and a bias); two copies add
+    # two whole layers.
+    assert shared["parameters"] - base["parameters"] == 2 * (2 * d + d + 1)
+    layer = (copied["parameters"] - base["parameters"] - 2 * (d + 1)) / 2
+    assert layer > 100 * d
+    assert shared["checkpoint_bytes"] < copied["checkpoint_bytes"] - 1.5 * layer * 4
+    assert shared["optimizer_bytes"] < copied["optimizer_bytes"]
+    assert [row["layer"] for row in shared["layers"]] == [row["layer"] for row in copied["layers"]] == [4, 5]
+    for arm in (base, copied, shared):
+        assert math.isfinite(arm["eval_loss"]) and arm["eval_loss"] > 0
