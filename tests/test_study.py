@@ -47,6 +47,7 @@ SMALL = [
     "timing.warmup=0",
     "timing.repeats=1",
     "timing.decode_tokens=2",
+    "timing.seeds=1",
 ]
 MODELS = ("base", "dense", "dlo-c050-cos", "shared-untrained", "shared-lora", "shortgpt-2L", "dlo-c050-cos/usage-2L")
 RUNS = 5 * 2  # arms x seeds
