@@ -331,6 +331,10 @@ def main(argv=None):
         if cfg.lora is not None:
             model = add_lora(model, cfg)
 
+    # What training holds, counted before the trainer wraps or shards the model (FSDP, ZeRO-3) and before adapters
+    # merge: model.parameters() yields a shared repetition's tensors once.
+    parameters = {"total": sum(p.numel() for p in model.parameters()),
+                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     PartialState().wait_for_everyone()  # every rank has checked its inputs before the main one writes
     if is_main:
         record_run_config(cfg)
@@ -347,15 +351,13 @@ def main(argv=None):
             print(f"stopped at step {trainer.state.global_step}; checkpoint saved. Resume with: "
                   f"accelerate launch recipes/sft.py --config {args.config} {' '.join(overrides)} resume=true")
         return 0
-    finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts, is_main)
+    finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts, parameters, is_main)
     return 0
 
 
-def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts: dict[str, DataCounts], is_main):
+def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts: dict[str, DataCounts],
+           parameters: dict[str, int], is_main):
     model = trainer.model
-    # What training held, before adapters merge: model.parameters() yields a shared repetition's tensors once.
-    parameters = {"total": sum(p.numel() for p in model.parameters()),
-                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if cfg.lora is not None and cfg.lora.merge:
         # Each shared repetition's adapters merge into its own copy of the weights: the repetitions stop sharing.
         repeated = shared_repetitions(model)

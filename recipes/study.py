@@ -311,6 +311,12 @@ def ensure_testbed(cfg: StudyConfig):
     print(f"  base: {info['parameters']:,} parameters; eval loss per token class: {losses}", flush=True)
 
 
+def expansion_plan(spec: dict, num_layers: int) -> ExpansionPlan:
+    """The layer map a recipe's ``model.expansion`` (validated by RecipeConfig) makes of ``num_layers``."""
+    spec = dict(spec)
+    return ExpansionPlan.build(spec.pop("strategy"), num_layers, **spec)
+
+
 def planned_flops(recipe: dict, seq_len: float) -> float:
     """Forward FLOPs per token of an arm's model at its target capacities, known before training."""
     cfg = RecipeConfig.from_dict({**recipe, "output_dir": "unused"})
@@ -318,8 +324,7 @@ def planned_flops(recipe: dict, seq_len: float) -> float:
     layers = config.num_hidden_layers
     new = []
     if cfg.model.expansion:
-        spec = dict(cfg.model.expansion)
-        plan = ExpansionPlan.build(spec.pop("strategy"), layers, **spec)
+        plan = expansion_plan(cfg.model.expansion, layers)
         layers, new = len(plan.layers), plan.new_indices
     routed = {}
     if cfg.routing is not None:
@@ -361,6 +366,7 @@ def train_run(cfg: StudyConfig, arm: Arm, seed: int, config_path: str) -> bool:
     recipe = cfg.run_recipe(arm, seed)
     if not arm.train:
         if finished(cfg, arm, seed):
+            _check_built_model(arm, out)
             return False
         print(f"  {arm.name} seed {seed}: building (not trained)", flush=True)
         build_untrained(arm, out)
@@ -399,12 +405,20 @@ def build_untrained(arm: Arm, out: str):
     final = os.path.join(out, "final")
     spec = arm.recipe["model"].get("expansion")
     if spec:
-        spec = dict(spec)
-        expand_checkpoint(base, ExpansionPlan.build(spec.pop("strategy"), read_config(base)["num_hidden_layers"],
-                                                    **spec), final)
+        expand_checkpoint(base, expansion_plan(spec, read_config(base)["num_hidden_layers"]), final)
     else:
         shutil.copytree(base, final)
-    _write_json(os.path.join(final, "summary.json"), {"steps": 0, "train_seconds": 0.0})
+    # The model section it was built from: a rerun with other settings must not reuse it (_check_built_model).
+    _write_json(os.path.join(final, "summary.json"), {"steps": 0, "train_seconds": 0.0, "model": arm.recipe["model"]})
+
+
+def _check_built_model(arm: Arm, out: str):
+    """An untrained model built under other settings must not enter this study's table silently."""
+    recorded = _read_json(os.path.join(out, "final", "summary.json")).get("model")
+    if recorded != arm.recipe["model"]:
+        raise ValueError(f"arm {arm.name!r} in {out} was built with other settings (model {recorded!r}, now "
+                         f"{arm.recipe['model']!r}); use another study_dir or delete that arm's directory to "
+                         "rebuild it")
 
 
 def _check_recorded_config(arm: Arm, recipe: dict, out: str):
@@ -619,11 +633,12 @@ def measure_run(cfg: StudyConfig, arm: Arm, seed: int, tokenizer, data: EvalData
     common = {"arm": arm.name, "seed": seed, "label": label, "train_seconds": summary["train_seconds"],
               "train_steps": summary["steps"]}
     measured = measure(model, tokenizer, data)
-    # Memory: what training held (shared repetitions count once; adapters included, before any merge) and what
-    # the saved model stores.
-    trained_params = summary.get("parameters", {"total": measured["parameters"], "trainable": 0})
+    # Memory: what training held (shared repetitions count once; adapters included, before any merge; unknown for
+    # a run saved without the count) and what the saved model stores.
+    held = {"total": measured["parameters"], "trainable": 0} if not arm.train else \
+        summary.get("parameters", {"total": None, "trainable": None})
     rows = [{"name": arm.name, "kind": arm.kind, "model_dir": os.path.join(out, "final"), **common,
-             "training_parameters": trained_params["total"], "trainable_parameters": trained_params["trainable"],
+             "training_parameters": held["total"], "trainable_parameters": held["trainable"],
              "checkpoint_mib": checkpoint_mib(os.path.join(out, "final")), **measured}]
     derived = []
     if arm.name == cfg.static.dense:
@@ -897,11 +912,11 @@ def markdown_tables(summary: list[dict], pairs: list[dict], groups: list[str]) -
     memory = ["| model | training steps | parameters in training | trainable | parameters stored | checkpoint MiB |",
               "|---|---|---|---|---|---|"]
     for e in summary:
-        if e["training_parameters"] is None:  # a static model derived from a trained one: stored only
-            memory.append(f"| {e['name']} | - | - | - | {e['parameters']:,} | {e['checkpoint_mib']:.2f} |")
-        else:
-            memory.append(f"| {e['name']} | {e['train_steps']} | {e['training_parameters']:,} "
-                          f"| {e['trainable_parameters']:,} | {e['parameters']:,} | {e['checkpoint_mib']:.2f} |")
+        derived = e["kind"] in ("shortgpt", "usage-export")  # a static model of a trained one: stored only
+        held = ["-" if derived or e[k] is None else f"{e[k]:,}"
+                for k in ("training_parameters", "trainable_parameters")]
+        memory.append(f"| {e['name']} | {'-' if derived else e['train_steps']} | {held[0]} | {held[1]} "
+                      f"| {e['parameters']:,} | {e['checkpoint_mib']:.2f} |")
     return "\n".join([*lines, "", "Share of each token group's positions that ran each routed layer (a position "
                       "belongs to the group of the token it predicts):", "", *capacity, "",
                       "Paired differences a - b over seeds:", "", *paired, "",

@@ -78,6 +78,9 @@ def test_single_process_trains_logs_and_saves(tmp_path):
         assert tag in scalars, sorted(scalars)
     model = dlo.load_model(str(final))
     layers = dlo.routed_layers(model)
+    # No adapters: everything trains, and training held what the saved model holds.
+    held = sum(p.numel() for p in model.parameters())
+    assert summary["parameters"] == {"total": held, "trainable": held}
     assert [layer.layer_index for layer in layers] == [3, 7]
     for layer in layers:  # routers left their zero init; thresholds were calibrated
         assert layer.router.weight.abs().sum() > 0

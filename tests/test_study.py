@@ -340,6 +340,12 @@ def test_a_run_trained_under_other_settings_is_not_reused(study, tmp_path):
     cfg = module.load_study_config(str(CONFIG), [f"study_dir={study_dir}", *SMALL, "training.learning_rate=0.5"])
     with pytest.raises(ValueError, match=r"arm 'base' .* was trained with other settings \(sections \['training'\]"):
         module.train_run(cfg, cfg.arms[0], 0, str(tmp_path / "unused.yaml"))
+    # An untrained arm records the model section it was built from: another expansion is refused, not reused.
+    arms = ARMS.replace("'0-1,0-1,0-1', init: copy", "'0-1,0-1', init: copy")
+    assert arms != ARMS
+    cfg = module.load_study_config(str(CONFIG), [f"study_dir={study_dir}", *SMALL, f"arms={arms}"])
+    with pytest.raises(ValueError, match=r"arm 'shared-untrained' .* was built with other settings"):
+        module.train_run(cfg, cfg.arm("shared-untrained"), 0, str(tmp_path / "unused.yaml"))
 
 
 def test_the_full_config_names_every_arm_of_the_study():
