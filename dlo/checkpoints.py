@@ -35,19 +35,31 @@ SAFETENSORS_MAX_HEADER = 100 * 2**20
 # -- finding -----------------------------------------------------------------------------------------------------
 
 
-def resolve_model_dir(ref: str | os.PathLike, revision: str | None = None) -> str:
+def resolve_model_dir(ref: str | os.PathLike, revision: str | None = None, gguf_file: str | None = None) -> str:
     """The local directory of the model ``ref`` names: a directory, else a hub id (``revision``: branch, tag
-    or commit; ignored for a directory). Raises one ``UserError`` that names everything tried."""
+    or commit; ignored for a directory). A GGUF file, given as a path ending in ``.gguf`` or as ``gguf_file``
+    (a file name inside the directory or hub repository ``ref``), resolves to its converted safetensors
+    checkpoint (``dlo.gguf``: converted on first use, cached after). Raises one ``UserError`` that names
+    everything tried."""
+    from dlo.gguf import gguf_checkpoint, is_gguf_reference
+
     ref = os.fspath(ref)
     local = os.path.abspath(os.path.expanduser(ref))
+    if gguf_file is not None:
+        if not is_gguf_reference(gguf_file):
+            raise UserError(f"gguf_file {gguf_file!r}: not a GGUF file name (it must end in .gguf)")
+        folder = local if os.path.isdir(local) else _hub_snapshot(ref, revision, local, patterns=[gguf_file])
+        return gguf_checkpoint(os.path.join(folder, gguf_file))
+    if is_gguf_reference(ref) and not os.path.isdir(local):
+        return gguf_checkpoint(local)
     if os.path.isdir(local):
         return local
     if os.path.exists(local):
-        raise UserError(f"model {ref!r}: {local} is a file, not a model directory")
+        raise UserError(f"model {ref!r}: {local} is a file, not a model directory (nor a .gguf file)")
     return _hub_snapshot(ref, revision, local)
 
 
-def _hub_snapshot(repo_id: str, revision: str | None, local: str) -> str:
+def _hub_snapshot(repo_id: str, revision: str | None, local: str, patterns: list[str] | None = None) -> str:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -64,7 +76,7 @@ def _hub_snapshot(repo_id: str, revision: str | None, local: str) -> str:
     tried = f"model {repo_id!r} not found: no local directory {local}"
     try:
         return snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=offline,
-                                 allow_patterns=MODEL_FILE_PATTERNS)
+                                 allow_patterns=patterns or MODEL_FILE_PATTERNS)
     except HFValidationError:
         raise UserError(f"{tried}, and {repo_id!r} is not a hub id either (org/name)") from None
     except RevisionNotFoundError:

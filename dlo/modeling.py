@@ -440,13 +440,15 @@ def _sync_config(model):
     }
 
 
-def load_model(path: str, capacity: float | list[float] | None = None, revision: str | None = None, **kwargs):
+def load_model(path: str, capacity: float | list[float] | None = None, revision: str | None = None,
+               gguf_file: str | None = None, **kwargs):
     """Load a routed checkpoint saved by dlo: a local directory or a hub id (``revision``: branch, tag or
-    commit), resolved as transformers resolves it. ``capacity`` overrides the per-layer targets.
+    commit), resolved as transformers resolves it, or a GGUF file (``path`` ending in ``.gguf``, or
+    ``gguf_file`` inside ``path``) converted once by ``dlo.gguf``. ``capacity`` overrides the per-layer targets.
 
     Extra keyword arguments go to ``from_pretrained`` (e.g. ``dtype``, ``device_map``).
     """
-    model_dir = resolve_model_dir(path, revision)
+    model_dir = resolve_model_dir(path, revision, gguf_file)
     raw = read_config(model_dir)
     info = raw.get("dlo_routing") or raw.get(CONFIG_KEY)
     if info is None:

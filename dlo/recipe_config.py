@@ -104,7 +104,13 @@ def section_from_dict(cls, section: str, data: dict | None):
 
 @dataclass
 class ModelSection:
-    path: str = field(metadata={"help": "Directory of a HF checkpoint (plain, expanded or routed).", "check": Text()})
+    path: str = field(metadata={"help": "Directory of a HF checkpoint (plain, expanded or routed), a hub id, or a "
+                                        ".gguf file (converted once into a cached safetensors checkpoint).",
+                                "check": Text()})
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "A GGUF file inside model.path (a directory or a hub id), converted once "
+                                        "into a cached safetensors checkpoint.", "check": Optional(Text())}
+    )
     expansion: dict | None = field(
         default=None,
         metadata={"help": "Optional ExpansionPlan applied on load, e.g. {strategy: llama-pro, groups: 8}; "

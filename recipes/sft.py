@@ -185,9 +185,16 @@ def expansion_plan(spec: dict, num_layers: int):
         raise UserError(f"model.expansion: {err}") from err
 
 
+def model_directory(cfg: RecipeConfig) -> str:
+    """The checkpoint directory ``model.path`` names: a directory, a hub id (offline from the cache), or a GGUF
+    file's converted checkpoint. The first local process converts a GGUF file; the others then find it cached."""
+    with PartialState().local_main_process_first():
+        return resolve_model_dir(cfg.model.path, gguf_file=cfg.model.gguf_file)
+
+
 def load_model(cfg: RecipeConfig):
     dtype = getattr(torch, cfg.model.dtype)
-    model_dir = resolve_model_dir(cfg.model.path)  # a directory, or a hub id (offline from the cache)
+    model_dir = model_directory(cfg)
     raw = read_config(model_dir)
     already_routed = "dlo_routing" in raw
     check_weights(model_dir)  # a truncated or corrupt weight file is named before transformers reads it
@@ -310,7 +317,7 @@ def main(argv=None):
         set_seed(cfg.seed)
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tb"))
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.model.path))
+        tokenizer = AutoTokenizer.from_pretrained(model_directory(cfg))
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         train, train_counts = build_sft_dataset(tokenizer, cfg.data.train_file, cfg.data.max_length,

@@ -11,7 +11,7 @@ import sys
 from dlo.errors import run_entry_point
 
 # Subcommand name -> module under dlo.cli that implements it.
-COMMANDS = {"expand": "expand", "report": "report", "export": "export", "generate": "generate"}
+COMMANDS = {"convert": "convert", "expand": "expand", "report": "report", "export": "export", "generate": "generate"}
 DEBUG_HELP = "Show the full traceback of an error (also DLO_DEBUG=1)."
 
 

@@ -23,6 +23,9 @@ def add_model_arguments(parser):
                              "Hugging Face hub id (org/name), resolved like transformers does (offline from the "
                              "cache when HF_HUB_OFFLINE=1).")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a hub id --model.")
+    parser.add_argument("--gguf-file", default=None,
+                        help="A GGUF file inside --model (a directory or hub id); a --model path ending in .gguf "
+                             "works too. Converted once into a cached safetensors checkpoint ($DLO_CACHE/gguf).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="Weights dtype (default: float32 on cpu, bfloat16 on cuda).")
@@ -52,12 +55,15 @@ class ModelSource:
 
     @property
     def label(self) -> str:
-        """How outputs record the model: a local directory's absolute path, else the hub id as given."""
+        """How outputs record the model: a local directory's or GGUF file's absolute path, else the hub id as
+        given."""
+        if os.path.isfile(self.ref):
+            return os.path.abspath(self.ref)
         return self.dir if os.path.isdir(self.ref) else self.ref
 
 
-def find_model(ref: str, revision: str | None = None) -> ModelSource:
-    model_dir = resolve_model_dir(ref, revision)
+def find_model(ref: str, revision: str | None = None, gguf_file: str | None = None) -> ModelSource:
+    model_dir = resolve_model_dir(ref, revision, gguf_file)
     base_dir = adapter_base_dir(model_dir) or model_dir
     config = read_config(base_dir)
     for folder in dict.fromkeys([model_dir, base_dir]):

@@ -28,6 +28,8 @@ def add_parser(subparsers):
                                    "Face hub id (org/name, offline from the cache). Default with --mergekit: the "
                                    "model its slices name.")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) when --model is a hub id.")
+    p.add_argument("--gguf-file", help="A GGUF file inside --model (a directory or hub id); a --model path ending "
+                                       "in .gguf works too. Converted once into a cached safetensors checkpoint.")
     p.add_argument("--strategy", help=f"One of {', '.join(STRATEGIES)} (default with --mergekit: slices).")
     p.add_argument("--groups", type=int, help="llama-pro: number of equal groups G (must divide the depth).")
     p.add_argument("--overlap", type=int, help="dus/idus: layers m dropped from each copy, 0 <= m < n/2.")
@@ -49,7 +51,8 @@ def run(args):
     check_output_dir(args.output, args.force)
     # The mergekit file is checked whole before any model is looked for; its slices name the default model.
     mergekit = ExpansionPlan.from_mergekit(args.mergekit, init=init, shared=args.shared) if args.mergekit else None
-    model_dir = resolve_model_dir(args.model or mergekit.params["mergekit"]["model"], args.revision)
+    model_dir = resolve_model_dir(args.model or mergekit.params["mergekit"]["model"], args.revision,
+                                  args.gguf_file)
     output = check_output_dir(args.output, args.force, inputs=[model_dir, *([args.mergekit] if mergekit else [])])
     config = load_base_config(model_dir)
     if mergekit:

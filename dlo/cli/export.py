@@ -51,7 +51,7 @@ def run(args):
         check_data_file(args.data)
     output = check_output_dir(args.output, args.force, inputs=data)
     device, dtype = resolve_device(args.device, args.dtype)
-    source = find_model(args.model, args.revision)
+    source = find_model(args.model, args.revision, args.gguf_file)
     check_output_dir(output, args.force, inputs=[*data, source.dir, source.base_dir])
     depth = source.config.get("num_hidden_layers")
     if args.num_layers is not None and depth is not None and args.num_layers > depth:

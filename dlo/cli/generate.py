@@ -30,7 +30,7 @@ def run(args):
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UserError(f"--temperature={args.temperature}: must be a number >= 0 (0 = greedy)")
     device, dtype = resolve_device(args.device, args.dtype)
-    source = find_model(args.model, args.revision)
+    source = find_model(args.model, args.revision, args.gguf_file)
     positions = source.config.get("max_position_embeddings")
     if positions is not None and args.max_new_tokens >= positions:
         raise UserError(f"--max-new-tokens={args.max_new_tokens}: the model has max_position_embeddings="

@@ -45,7 +45,7 @@ def run(args):
     check_data_file(args.data)
     output = check_output_dir(args.output, args.force, inputs=[args.data])
     device, dtype = resolve_device(args.device, args.dtype)
-    source = find_model(args.model, args.revision)
+    source = find_model(args.model, args.revision, args.gguf_file)
     inputs = [args.data, source.dir, source.base_dir]
     check_output_dir(output, args.force, inputs)
     length = max_length(args.max_length, source)
