@@ -1,6 +1,6 @@
-"""recipes/study.py end to end on a tiny depth testbed: two seeds, three arms, two training steps each."""
+"""recipes/study.py (dlo.study) end to end on a tiny depth testbed: two seeds, three arms, two training steps each."""
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -57,12 +57,8 @@ TIMES = ("prefill_s", "decode_s", "train_step_s")
 
 
 def load_study_module():
-    name = "dlo_study_recipe"
-    if name not in sys.modules:  # dataclasses look their module up in sys.modules while the file executes
-        spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / "study.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+    """The study package behind recipes/study.py."""
+    return importlib.import_module("dlo.study")
 
 
 def run_study(study_dir, *overrides):
