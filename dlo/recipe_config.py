@@ -125,6 +125,11 @@ class ModelSection:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute layers in backward.", "check": Boolean()}
     )
+    trainable_layers: str = field(
+        default="all", metadata={"help": "all | new: 'new' trains only the layers expansion inserted (and routers), "
+                                         "the base layers, embeddings and head frozen (LLaMA-Pro's recipe).",
+                                 "check": Choice(("all", "new"))}
+    )
 
     def __post_init__(self):
         check_fields(self)
@@ -179,6 +184,31 @@ class LoraSection:
 
 
 @dataclass
+class CompareSection:
+    base: bool = field(default=True, metadata={"help": "Measure the model as loaded (before expansion and routers).",
+                                                "check": Boolean()})
+    dense: bool = field(
+        default=True, metadata={"help": "Train the dense twin (the same run with routing: null) in "
+                                        "<output_dir>/dense and measure it.", "check": Boolean()}
+    )
+    export_layers: int | None = field(
+        default=None, metadata={"help": "Export the routed model statically pruned to this many layers (the least "
+                                        "used routed layers dropped) into <output_dir>/exported and measure it.",
+                                "check": Optional(Number(low=1, integer=True))}
+    )
+    text_file: str | None = field(
+        default=None, metadata={"help": "Held-out plain text ({'text': ...} records) whose language-modelling loss "
+                                        "every model is measured on too.", "check": Optional(Text())}
+    )
+    max_text_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N text records (null: all).", "check": SAMPLES}
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass
 class RecipeConfig:
     output_dir: str = field(metadata={"check": Text()})
     model: ModelSection
@@ -186,11 +216,17 @@ class RecipeConfig:
     routing: RoutingConfig | None = None
     training: dict[str, Any] = field(default_factory=dict)
     lora: LoraSection | None = None
+    compare: CompareSection | None = None
     seed: int = field(default=0, metadata={"check": Number(low=0, high=2**32 - 1, integer=True)})
     calibration_samples: int = field(default=64, metadata={"check": Number(low=0, integer=True)})
 
     def __post_init__(self):
         check_fields(self)
+        if self.compare is not None and self.data.eval_file is None:
+            raise UserError("compare: the models are compared on held-out data; set data.eval_file")
+        if self.lora is not None and self.model.trainable_layers != "all":
+            raise UserError(f"model.trainable_layers={self.model.trainable_layers} with lora: LoRA already decides "
+                            "what trains (adapters and routers); use one or the other")
 
     @classmethod
     def from_dict(cls, raw: dict) -> RecipeConfig:
@@ -200,6 +236,7 @@ class RecipeConfig:
                 raise UserError(f"config is missing the required key {required!r}")
         routing = raw.get("routing")
         lora = raw.get("lora")
+        compare = raw.get("compare")
         return cls(
             output_dir=raw["output_dir"],
             model=section_from_dict(ModelSection, "model", raw["model"]),
@@ -207,6 +244,7 @@ class RecipeConfig:
             routing=None if routing is None else section_from_dict(RoutingConfig, "routing", routing),
             training=check_training(raw.get("training")),
             lora=None if lora is None else section_from_dict(LoraSection, "lora", lora),
+            compare=None if compare is None else section_from_dict(CompareSection, "compare", compare),
             **{key: raw[key] for key in ("seed", "calibration_samples") if key in raw},
         )
 
@@ -320,7 +358,8 @@ def changed_settings(recorded: dict, cfg: RecipeConfig) -> list[tuple[str, Any, 
             before.setdefault(key, training_default(key.split(".", 2)[1]))
             after.setdefault(key, training_default(key.split(".", 2)[1]))
     return [(key, before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
-            if before.get(key) != after.get(key) and key not in RESUME_SAFE_KEYS]
+            if before.get(key) != after.get(key) and key not in RESUME_SAFE_KEYS
+            and key.split(".")[0] != "compare"]  # what is measured after training, not how it trains
 
 
 # -- reading ------------------------------------------------------------------------------------------------------

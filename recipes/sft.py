@@ -30,15 +30,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
 import dlo
-from dlo.batching import MODEL_INPUTS, SFTCollator, batches
-from dlo.checkpoints import atomic_output_dir, check_weights, read_config, resolve_model_dir
-from dlo.data import DataCounts, build_sft_dataset
+from dlo.batching import MODEL_INPUTS, SFTCollator, batches, pad_token_id
+from dlo.checkpoints import atomic_output_dir, check_routing_config, check_weights, read_config, resolve_model_dir
+from dlo.comparison import comparison_table, measure
+from dlo.data import DataCounts, build_sft_dataset, overlap_warning
 from dlo.distributed import save_pretrained_gathered
 from dlo.errors import EXIT_USER_ERROR, USER_ERRORS, UserError, debug_enabled, run_entry_point
-from dlo.evaluation import evaluate
+from dlo.evaluation import evaluate, load_batches
 from dlo.export import shared_repetitions
 from dlo.model_card import write_model_card
-from dlo.modeling import decoder_layers, materialise_repetitions, routed_layers
+from dlo.modeling import decoder_layers, materialise_repetitions, new_layer_indices, routed_layers
 from dlo.recipe_config import (
     RESUME_SAFE_KEYS,
     RecipeConfig,
@@ -53,6 +54,7 @@ from dlo.validation import Boolean
 
 RUN_CONFIG_FILE = "recipe_config.yaml"
 FINAL_DIR = "final"
+LOG_HISTORY_FILE = "log_history.json"  # in final/: the Trainer's log history
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MEASURE_BATCH = 8  # batch size of calibration and of the realised-capacity measurement
 REALISED_SAMPLES = 64  # examples the realised capacity is measured on
@@ -198,6 +200,7 @@ def load_model(cfg: RecipeConfig):
     raw = read_config(model_dir)
     already_routed = "dlo_routing" in raw
     check_weights(model_dir)  # a truncated or corrupt weight file is named before transformers reads it
+    check_routing_config(model_dir, raw)
     if already_routed or "dlo_repetitions" in raw:  # routers or shared repetitions: dlo's model class
         model = dlo.load_model(model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     else:
@@ -215,9 +218,25 @@ def load_model(cfg: RecipeConfig):
                         "verified; train them unsharded (one process or DDP), or use model.expansion.shared: false")
     if cfg.routing is not None and not already_routed:
         model = dlo.attach_routers(model, cfg.routing)
+    if cfg.model.trainable_layers == "new":
+        freeze_base(model)
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     return model
+
+
+def freeze_base(model):
+    """LLaMA-Pro's recipe: only the layers expansion inserted train (their routers too, and every router)."""
+    new = new_layer_indices(model.config)
+    if not new:
+        raise UserError("model.trainable_layers=new: the model records no inserted layers (config.dlo_expansion); "
+                        "set model.expansion or load an expanded checkpoint")
+    model.requires_grad_(False)
+    layers = decoder_layers(model)
+    for index in new:
+        layers[index].requires_grad_(True)
+    for layer in routed_layers(model):
+        layer.router.requires_grad_(True)
 
 
 def new_modules(model) -> list[str]:
@@ -305,12 +324,31 @@ def launch_line(trainer) -> str:
             f"on {accelerator.device.type}")
 
 
+@dataclasses.dataclass
+class TrainedRun:
+    model: torch.nn.Module  # the final model, as saved in final/ (thresholds calibrated, adapters merged)
+    tokenizer: object
+    evaluation: list[dict] | None  # the held-out examples, tokenised as training tokenises them
+    summary: dict
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    is_main = int(os.environ.get("RANK", "0")) == 0
     with reported_by_first_local_process():
         resume, overrides = split_resume(args.overrides)
         cfg = load_recipe_config(args.config, overrides)
+    rerun = f"accelerate launch recipes/sft.py --config {args.config} {' '.join(overrides)} resume=true"
+    run = train_run(cfg, resume, rerun)
+    if run is not None and cfg.compare is not None:
+        compare(cfg, run, rerun)
+    return 0
+
+
+def train_run(cfg: RecipeConfig, resume: bool, rerun: str) -> TrainedRun | None:
+    """One training run into ``cfg.output_dir``: its final model, or ``None`` when it stopped early (checkpoint
+    saved; ``rerun`` resumes it)."""
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with reported_by_first_local_process():
         targs = training_arguments(cfg)
         check_launch(targs)
         checkpoint = check_output_dir(cfg, resume)
@@ -327,6 +365,8 @@ def main(argv=None):
         if cfg.data.eval_file:
             evaluation, counts["eval"] = build_sft_dataset(tokenizer, cfg.data.eval_file, cfg.data.max_length,
                                                            cfg.data.max_eval_samples)
+            overlap_warning(cfg.data.train_file, cfg.data.eval_file, cfg.data.max_train_samples,
+                            cfg.data.max_eval_samples)
         if is_main:
             print(data_line(cfg.data.train_file, train_counts, cfg.data.max_length))
             if evaluation is not None:
@@ -355,11 +395,11 @@ def main(argv=None):
     stopped = trainer.state.global_step < trainer.state.max_steps
     if stopped:
         if is_main:
-            print(f"stopped at step {trainer.state.global_step}; checkpoint saved. Resume with: "
-                  f"accelerate launch recipes/sft.py --config {args.config} {' '.join(overrides)} resume=true")
-        return 0
-    finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts, parameters, is_main)
-    return 0
+            print(f"stopped at step {trainer.state.global_step}; checkpoint saved. Resume with: {rerun}")
+        return None
+    model, summary = finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts, parameters,
+                            is_main)
+    return TrainedRun(model, tokenizer, evaluation, summary)
 
 
 def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts: dict[str, DataCounts],
@@ -410,10 +450,85 @@ def finish(cfg, trainer, tokenizer, train, evaluation, collator, result, counts:
             tokenizer.save_pretrained(target)
             with open(os.path.join(target, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=2)
+            # Every training log (the routing terms of dlo.trainer included), for curves after the run: the
+            # checkpoints' trainer_state.json that also holds it is pruned or never written.
+            with open(os.path.join(target, LOG_HISTORY_FILE), "w") as fh:
+                json.dump(trainer.state.log_history, fh)
             write_model_card(target, base_model=cfg.model.path, extra={"training data": cfg.data.train_file},
                              location=final_dir)
     if is_main:
         print_summary(summary)
+    return model, summary
+
+
+DENSE_DIR = "dense"
+EXPORTED_DIR = "exported"
+COMPARISON_FILE = "comparison.json"
+
+
+def compare(cfg: RecipeConfig, run: TrainedRun, rerun: str):
+    """The ``compare`` section: the base model, the dense twin, the trained model (routed: with its thresholds and
+    with every layer run) and its static export, measured on the same held-out data; a table and comparison.json."""
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    pad_id = pad_token_id(run.tokenizer)
+    answers = batches(run.evaluation, MEASURE_BATCH, pad_id)
+    texts = None
+    if cfg.compare.text_file:
+        texts = load_batches(cfg.compare.text_file, run.tokenizer, MEASURE_BATCH, cfg.data.max_length,
+                             cfg.compare.max_text_samples)
+    rows = []
+    if cfg.compare.base:
+        as_loaded = dataclasses.replace(cfg.model, expansion=None, trainable_layers="all")
+        base = load_model(dataclasses.replace(cfg, model=as_loaded, routing=None, lora=None, compare=None))
+        rows.append(measure("base (as loaded)", base.eval(), answers, texts))
+        del base
+    if cfg.compare.dense and cfg.routing is not None:
+        dense = dense_twin(cfg, rerun)
+        if dense is None:
+            return
+        rows.append(measure("dense expanded, trained", dense.eval(), answers, texts))
+        del dense
+    model = run.model.eval()
+    if routed_layers(model):
+        rows.append(measure("routed", model, answers, texts))
+        rows.append(measure("routed, every layer run", model, answers, texts, run_every_layer=True))
+    else:
+        rows.append(measure("trained", model, answers, texts))
+    if cfg.compare.export_layers is not None:
+        rows.append(measure_export(cfg, run, answers, texts, is_main))
+    if is_main:
+        print("\n== comparison on the held-out data ==")
+        print(comparison_table(rows))
+        path = os.path.join(cfg.output_dir, COMPARISON_FILE)
+        with open(path + ".tmp", "w") as fh:
+            json.dump({"eval_file": cfg.data.eval_file, "text_file": cfg.compare.text_file,
+                       "models": [row.to_dict() for row in rows]}, fh, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def dense_twin(cfg: RecipeConfig, rerun: str):
+    """The same run without routing, in ``<output_dir>/dense``: trained (or resumed) once, read back after."""
+    dense_cfg = dataclasses.replace(cfg, routing=None, compare=None, output_dir=os.path.join(cfg.output_dir, DENSE_DIR))
+    final = os.path.join(dense_cfg.output_dir, FINAL_DIR)
+    if os.path.isfile(os.path.join(final, "summary.json")):
+        PartialState().print(f"dense twin: reading the finished run {final}")
+        return AutoModelForCausalLM.from_pretrained(final, dtype=getattr(torch, cfg.model.dtype))
+    PartialState().print(f"\n== dense twin: the same training without routing, in {dense_cfg.output_dir} ==")
+    started = os.path.isfile(os.path.join(dense_cfg.output_dir, RUN_CONFIG_FILE))
+    dense = train_run(dense_cfg, resume=started, rerun=rerun)
+    return None if dense is None else dense.model
+
+
+def measure_export(cfg: RecipeConfig, run: TrainedRun, answers, texts, is_main):
+    """The routed model pruned to ``compare.export_layers`` layers by realised usage, saved and measured."""
+    layers = cfg.compare.export_layers
+    usage = {row["layer"]: row["realised_capacity"] for row in run.summary.get("layers", [])}
+    exported = dlo.export_static(run.model, num_layers=layers, capacities=usage or None)
+    if is_main:
+        with atomic_output_dir(os.path.join(cfg.output_dir, EXPORTED_DIR), force=True) as target:
+            exported.save_pretrained(target)
+            run.tokenizer.save_pretrained(target)
+    return measure(f"static export ({layers} layers)", exported.eval(), answers, texts)
 
 
 if __name__ == "__main__":

@@ -207,3 +207,44 @@ def test_shared_repetitions_with_lora_merge_into_copies(tmp_path):
                            weights["model.layers.2.self_attn.q_proj.weight"])
     model = dlo.load_model(str(final))
     assert "dlo_repetitions" not in model.config.to_dict() and len(dlo.routed_layers(model)) == 2
+
+
+def test_compare_measures_base_dense_twin_routed_and_export_on_the_same_data(tmp_path):
+    out = tmp_path / "compare"
+    proc = run_recipe(out, "training.max_steps=4", "model.trainable_layers=new", "compare.export_layers=7",
+                      "compare.text_file=assets/tiny/sft/eval.jsonl", "compare.max_text_samples=8")
+    assert "== comparison on the held-out data ==" in proc.stdout
+    rows = {row["name"]: row for row in json.loads((out / "comparison.json").read_text())["models"]}
+    assert list(rows) == ["base (as loaded)", "dense expanded, trained", "routed", "routed, every layer run",
+                          "static export (7 layers)"]
+    assert [rows[name]["layers"] for name in rows] == [6, 8, 8, 8, 7]
+    assert rows["base (as loaded)"]["flops"] == 1.0 and rows["routed, every layer run"]["flops"] > 1.0
+    assert rows["routed"]["flops"] < rows["routed, every layer run"]["flops"]  # tokens skipped
+    assert all(row["text_loss"] > 0 for row in rows.values())
+
+    # The base model measured as a fresh load of the tiny default on the held-out answers.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dlo.batching import batches
+    from dlo.data import build_sft_dataset
+    from dlo.evaluation import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "assets/tiny/base")
+    held_out, _ = build_sft_dataset(tokenizer, str(ROOT / "assets/tiny/sft/eval.jsonl"), 64, 16)
+    base = AutoModelForCausalLM.from_pretrained(ROOT / "assets/tiny/base")
+    want = evaluate(base, batches(held_out, 8, tokenizer.pad_token_id), progress=False).loss
+    assert abs(rows["base (as loaded)"]["eval_loss"] - want) < 1e-3
+
+    # The dense twin trained the same run without routers; the base layers stayed frozen in both runs.
+    dense = AutoModelForCausalLM.from_pretrained(out / "dense" / "final")
+    assert not dlo.routed_layers(dense) and dense.config.num_hidden_layers == 8
+    routed = dlo.load_model(str(out / "final"))
+    untouched = {k: v for k, v in base.state_dict().items() if ".layers." not in k}
+    for model in (dense, routed):
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in untouched.items())  # embeddings, norm, head frozen
+        base_layer = base.state_dict()["model.layers.0.mlp.up_proj.weight"]
+        assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], base_layer)  # a base layer: frozen
+        assert state["model.layers.3.mlp.down_proj.weight"].abs().sum() > 0  # the zero-init copy trained
+    exported = AutoModelForCausalLM.from_pretrained(out / "exported")
+    assert exported.config.num_hidden_layers == 7 and not dlo.routed_layers(exported)
