@@ -6,7 +6,7 @@ by their fitted thresholds, exactly as at inference. Each pass stops right after
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -15,21 +15,43 @@ from dlo.batching import MODEL_INPUTS, batches, pad_token_id, text_examples, to_
 from dlo.losses import quantiles
 from dlo.modeling import routed_layers
 from dlo.routing import NUM_QUANTILES
+from dlo.validation import ArgumentTypeError, Boolean, Number, Shown, check_model
 
 
 class _StopForward(Exception):
     pass
 
 
-def _batches(data, tokenizer, batch_size: int, max_length: int, device) -> list[dict]:
-    """Model inputs on ``device``: texts batched as training batches them (dlo/batching.py), or given batches."""
+def _check_data(data) -> list:
+    """``data`` as a list, once it is known to be texts (none blank) or batches holding 2-D ``input_ids``."""
+    if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
+        raise ArgumentTypeError("data", Shown(data), "expected a list of texts or of batches (dicts with input_ids); "
+                                                     "a single text goes in a list: [text]")
     data = list(data)
-    if data and isinstance(data[0], str):
+    if not data:
+        raise ValueError("data=[]: calibrate() needs at least one text or batch")
+    for i, item in enumerate(data):
+        if isinstance(item, str) and isinstance(data[0], str):
+            if not item.strip():
+                raise ValueError(f"data[{i}]={item!r}: a blank text has no tokens to calibrate on")
+        elif isinstance(item, Mapping) and isinstance(data[0], Mapping):
+            ids = item.get("input_ids")
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
+                raise ArgumentTypeError(f"data[{i}]['input_ids']", Shown(ids), "expected a non-empty (batch, "
+                                                                               "tokens) tensor of token ids")
+        else:
+            first = "a text" if isinstance(data[0], str) else "a batch"
+            raise ArgumentTypeError(f"data[{i}]", Shown(item), f"expected {first} like data[0] (a list of texts or "
+                                                               "of batches, each a dict with input_ids)")
+    return data
+
+
+def _batches(data: list, tokenizer, batch_size: int, max_length: int, device) -> list[dict]:
+    """Model inputs on ``device``: texts batched as training batches them (dlo/batching.py), or given batches."""
+    if isinstance(data[0], str):
         if tokenizer is None:
             raise ValueError("calibrate() got raw texts: pass tokenizer= to tokenise them")
         data = batches(text_examples(tokenizer, data, max_length), batch_size, pad_token_id(tokenizer))
-    if not data:
-        raise ValueError("calibrate() needs at least one text or batch")
     return [to_device(b, device, MODEL_INPUTS) for b in data]
 
 
@@ -37,10 +59,24 @@ def _batches(data, tokenizer, batch_size: int, max_length: int, device) -> list[
 def calibrate(model, data: Iterable, tokenizer=None, batch_size: int = 8, max_length: int = 512,
               progress: bool = True) -> list[float]:
     """Set every routed layer's score quantiles from ``data`` (texts with ``tokenizer``, or batches
-    of ``input_ids``/``attention_mask``). Returns the resulting thresholds, one per routed layer."""
+    of ``input_ids``/``attention_mask``). Returns the resulting thresholds, one per routed layer.
+
+    Every argument is checked before the model runs: ``TypeError`` for a model that is not one, ``data`` that is
+    not a list of texts or batches (a lone string is refused, not read as its characters), a tokenizer that
+    cannot be called or ``batch_size``/``max_length``/``progress`` of the wrong kind; ``ValueError`` for a model
+    without routers, no data, a blank text or sizes below 1.
+    """
+    check_model(model)
     layers = routed_layers(model)
     if not layers:
         raise ValueError("model has no routed layers; call dlo.attach_routers first")
+    data = _check_data(data)
+    if tokenizer is not None and (isinstance(tokenizer, str) or not callable(tokenizer)):
+        raise ArgumentTypeError("tokenizer", Shown(tokenizer), "expected a tokenizer (e.g. AutoTokenizer."
+                                                               "from_pretrained(path)) or None")
+    batch_size = Number(low=1, integer=True)("batch_size", batch_size)
+    max_length = Number(low=1, integer=True)("max_length", max_length)
+    Boolean()("progress", progress)
     device = next(model.parameters()).device
     batches = _batches(data, tokenizer, batch_size, max_length, device)
     was_training = model.training

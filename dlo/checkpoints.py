@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from dlo.errors import UserError
+from dlo.errors import UserError, kernel_filesystem, os_error_reason
 
 # What a model download needs (weights, configs, tokenizer, chat template), not every file of a repository.
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
 MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                       "pytorch_model.bin.index.json")
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# Either one makes a directory's tokenizer loadable (AutoTokenizer.from_pretrained).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # safetensors itself refuses headers above this size; a bigger length means the file is not one.
 SAFETENSORS_MAX_HEADER = 100 * 2**20
@@ -210,6 +213,21 @@ def weight_files(model_dir: str) -> dict[str, str]:
                     "save_pretrained, which writes safetensors)")
 
 
+def check_routing_config(model_dir: str, config: dict):
+    """Refuse a checkpoint whose weights hold routers while its ``config.json`` (``config``) has no ``dlo_routing``
+    section: loaded as a plain model, the routers would be dropped or transformers would ask for remote code."""
+    if "dlo_routing" in config:
+        return
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in ("model.safetensors", SAFETENSORS_INDEX)):
+        return  # pytorch_model.bin: its tensor names cannot be listed without loading it
+    routers = sorted(key for key in weight_files(model_dir) if ".router." in key)
+    if routers:
+        raise UserError(f"{os.path.join(model_dir, 'config.json')}: no 'dlo_routing' section, but the weights hold "
+                        f"{len(routers)} router tensors (e.g. {routers[0]}): the checkpoint lost its routing config; "
+                        "restore the config.json dlo saved with these weights (its 'dlo_routing' says which layers "
+                        "route, at what capacity and threshold)")
+
+
 def check_weights(model_dir: str):
     """Refuse a model or adapter directory without weights, or with a broken safetensors file."""
     is_adapter = os.path.isfile(os.path.join(model_dir, "adapter_config.json"))
@@ -235,6 +253,10 @@ def check_output_dir(path: str | os.PathLike, force: bool = False, inputs: Itera
         if source_path == output or source_path.startswith(output + os.sep):
             raise UserError(f"output {output!r} holds the input {source!r}, which replacing it would delete; "
                             "choose another output directory")
+    root = kernel_filesystem(output)
+    if root:
+        raise UserError(f"output {output!r} is under {root}, the kernel's virtual file system, where no files can "
+                        "be written; choose a directory on disk")
     if os.path.lexists(output) and not os.path.isdir(output):
         raise UserError(f"output {output!r} exists and is not a directory")
     if os.path.isdir(output) and os.listdir(output) and not force:
@@ -254,23 +276,64 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False, inputs: Iter
     """``with atomic_output_dir(out, force) as tmp:`` write into ``tmp``; at the end of the block ``tmp``
     becomes ``out`` (replacing what was there, which ``check_output_dir`` allowed). On any exception the
     temporary directory and any parent directory made for it are removed and ``out`` is left as it was.
-    Directories get the umask's permissions."""
+    Directories get the umask's permissions.
+
+    An ``OSError`` while writing (no permission, a read-only or full disk) becomes a ``UserError`` naming the
+    output and the file in it, never the hidden temporary directory the user did not ask for."""
     inputs = list(inputs)
     output = check_output_dir(path, force, inputs)
-    made = _make_parents(os.path.dirname(output))
-    tmp = _hidden_sibling(output, "tmp")
+    made, tmp = [], None
     try:
+        made = _make_parents(os.path.dirname(output))
+        tmp = _hidden_sibling(output, "tmp")
         yield tmp
         check_output_dir(output, force, inputs)  # another process may have written there meanwhile
         _move_into_place(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         for folder in reversed(made):
             try:
                 os.rmdir(folder)
             except OSError:
                 break
+        system = _system_error(err)
+        if system is not None and _writes_under(system, output, tmp):
+            where = _as_output(system.filename, output, tmp)
+            what = "it" if where == output else os.path.relpath(where, output) if where.startswith(output) else where
+            raise UserError(f"output {output!r}: writing {what} failed: {os_error_reason(system, where)}") from err
         raise
+
+
+def _system_error(err: BaseException) -> OSError | None:
+    """``err`` as the OSError it is or reports: safetensors' writer raises its own error type that only quotes
+    the system's (``... I/O error: File too large (os error 27)``)."""
+    if isinstance(err, OSError):
+        return err
+    found = re.search(r"\(os error (\d+)\)", str(err)) if type(err).__name__ == "SafetensorError" else None
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
+
+
+def _writes_under(err: OSError, output: str, tmp: str | None) -> bool:
+    """Whether ``err`` is about writing ``output``: a file in it or its temporary directory, a directory made for
+    it, or an error naming no file (a full disk reported by a library)."""
+    if err.filename is None:
+        return err.errno is not None
+    name = os.path.abspath(os.fspath(err.filename))
+    return any(name == place or name.startswith(place + os.sep)
+               for place in (output, tmp, os.path.dirname(output)) if place) or output.startswith(name + os.sep)
+
+
+def _as_output(filename, output: str, tmp: str | None) -> str:
+    """The path the user would know for ``filename``: inside the temporary directory means inside ``output``."""
+    if filename is None:
+        return output
+    name = os.path.abspath(os.fspath(filename))
+    if tmp and (name == tmp or name.startswith(tmp + os.sep)):
+        return output + name[len(tmp):]
+    if os.path.basename(name).startswith(f".{os.path.basename(output)}."):  # the hidden sibling, not yet made
+        return output
+    return name
 
 
 def _make_parents(folder: str) -> list[str]:

@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlo.validation import Boolean, Choice, ListOf, Number, ScalarOrList, check_fields
+from dlo.errors import warn
+from dlo.validation import Boolean, Choice, ListOf, Mapping, Number, ScalarOrList, check_fields
 
 GRANULARITIES = ("block", "mlp")
 LABELS = ("self", "cos", "cos-global")
@@ -14,12 +15,29 @@ SIMILARITY_SOURCES = ("packed", "dense")
 LAYER_CHOICES = ("new", "all")
 SCHEDULES = ("linear", "cosine")
 CAPACITY = Number(low=0, high=1, low_open=True)
+# One capacity for every routed layer, or one each.
+CAPACITIES = ScalarOrList(CAPACITY, ListOf(CAPACITY), "a list of them, one per routed layer")
 MOMENTUM = Number(low=0, high=1, high_open=True)
+# Below this target share a routed layer runs almost no tokens (under 1 in 20): legal, but rarely meant.
+LOW_CAPACITY = 0.05
+
+
+def warn_low_capacity(capacities: list[float], where: str = ""):
+    """Warn (``DloWarning``) about capacities below ``LOW_CAPACITY``; ``where`` names the layers they are for."""
+    low = [c for c in capacities if c < LOW_CAPACITY]
+    if low:
+        warn(f"capacity {min(low):g}{where}: below {LOW_CAPACITY:g}, a routed layer runs about 1 token in "
+             f"{round(1 / min(low))}, nearly as if it were removed (dlo.export_static can drop it instead)")
 
 
 @dataclass
 class RoutingConfig:
-    """Routing of a decoder stack (DESIGN.md §2.2-2.4)."""
+    """Routing of a decoder stack (DESIGN.md §2.2-2.4).
+
+    Every field is checked when the config is made: a value of the wrong kind raises ``TypeError``, one out of
+    range ``ValueError``, each naming the field, the value and what is valid (``dlo.validation``). A capacity
+    below ``LOW_CAPACITY`` is allowed with a ``DloWarning``.
+    """
 
     layers: str | list[int] = field(
         default="new",
@@ -31,7 +49,7 @@ class RoutingConfig:
         default=0.5,
         metadata={"help": "Target share of tokens that run each routed layer, in (0, 1]; one value or one per "
                   "routed layer.",
-                  "check": ScalarOrList(CAPACITY, ListOf(CAPACITY), "a list of them, one per routed layer")},
+                  "check": CAPACITIES},
     )
     granularity: str = field(
         default="block",
@@ -98,12 +116,14 @@ class RoutingConfig:
 
     def __post_init__(self):
         check_fields(self)
+        warn_low_capacity(self.capacity if isinstance(self.capacity, list) else [self.capacity])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RoutingConfig:
+        Mapping()("data", data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

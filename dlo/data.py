@@ -9,7 +9,9 @@ Every record is checked before anything is tokenised: a malformed line, a record
 format, non-text content, an assistant turn or completion without text, a conversation without
 an assistant turn are refused, naming the file and line (or record). An example longer than
 ``max_length`` is truncated; one whose answer begins only after ``max_length`` tokens is dropped.
-Both are counted (``DataCounts``) so the recipe reports them.
+Both are counted (``DataCounts``) so the recipe reports them. A file where many examples are truncated, or
+that repeats records, is legal but suspicious: a ``DloWarning`` says how many (``overlap_warning`` does the
+same for an eval file that shares records with the training file).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from dataclasses import dataclass
 
 from dlo.batching import IGNORE_INDEX
 from dlo.chat import assistant_token_mask, check_messages, json_kind
-from dlo.errors import UserError
+from dlo.errors import UserError, warn
 
 COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion")}
+# Warn when at least this share of a file's examples lose their end to max_length.
+TRUNCATED_WARN_SHARE = 0.1
 
 
 def located_records(path: str, limit: int | None = None) -> list[tuple[str, object]]:
@@ -169,6 +173,38 @@ class DataCounts:
     packed_blocks: int | None = None
 
 
+def _key(record) -> str:
+    """A record's content, comparable across files and formats (key order does not matter)."""
+    return json.dumps(record, sort_keys=True, default=str)
+
+
+def warn_duplicates(path: str, located: list[tuple[str, object]]):
+    """Warn when records repeat an earlier one: each copy trains again, weighting it more."""
+    first: dict[str, str] = {}
+    repeats = []
+    for where, record in located:
+        key = _key(record)
+        if key in first:
+            repeats.append((where, first[key]))
+        else:
+            first[key] = where
+    if repeats:
+        where, earlier = repeats[0]
+        warn(f"{path}: {len(repeats)} of {len(located)} records repeat an earlier one (first: {where} repeats "
+             f"{earlier}); each copy trains again")
+
+
+def overlap_warning(train_path: str, eval_path: str, train_limit: int | None = None,
+                    eval_limit: int | None = None):
+    """Warn when the eval file holds records of the training file (within the limits each is read with): the
+    eval loss then measures memory, not generalisation."""
+    train = {_key(record) for record in load_records(train_path, train_limit)}
+    shared = [where for where, record in located_records(eval_path, eval_limit) if _key(record) in train]
+    if shared:
+        warn(f"{eval_path}: {len(shared)} eval records are also in the training file {train_path} (first: "
+             f"{shared[0]}); the eval loss is not measured on unseen text")
+
+
 def build_sft_dataset(tokenizer, path: str, max_length: int, limit: int | None = None,
                       packing: bool = False) -> tuple[list[dict], DataCounts]:
     """Tokenised examples of a data file, every record checked first, and what became of the records."""
@@ -188,6 +224,11 @@ def build_sft_dataset(tokenizer, path: str, max_length: int, limit: int | None =
             counts.truncated += 1
         examples.append(_labelled(ids, mask))
     counts.examples = len(examples)
+    warn_duplicates(path, located)
+    if counts.truncated and counts.truncated >= TRUNCATED_WARN_SHARE * counts.records:
+        warn(f"{path}: {counts.truncated} of {counts.records} examples ({counts.truncated / counts.records:.0%}) are "
+             f"truncated at data.max_length={max_length} tokens, so their ends are not trained on; raise "
+             "data.max_length to keep them whole")
     if not examples:
         raise UserError(f"{path}: all {counts.records} examples are dropped: each reaches data.max_length="
                         f"{max_length} tokens before its answer begins; raise data.max_length")

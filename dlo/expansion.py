@@ -35,9 +35,10 @@ import torch
 import yaml
 from transformers import PretrainedConfig
 
-from dlo.errors import UserError
+from dlo.errors import UserError, warn
 from dlo.families import check_causal_lm
 from dlo.sharing import repetition_map
+from dlo.validation import ArgumentTypeError, Shown, check_instance, check_model
 
 STRATEGIES = ("llama-pro", "dus", "idus", "slices")
 INITS = ("copy", "zero", "merge-linear", "slerp")
@@ -192,9 +193,19 @@ class ExpansionPlan:
 
     @classmethod
     def slices(cls, ranges, init: str = "copy", num_layers: int | None = None, shared: bool = False) -> ExpansionPlan:
-        """Stack half-open base-layer ranges, e.g. ``[(0, 16), (8, 24), (16, 32)]`` or ``"0-16,8-24"``."""
+        """Stack half-open base-layer ranges, e.g. ``[(0, 16), (8, 24), (16, 32)]`` or ``"0-16,8-24"``.
+
+        Raises ``TypeError`` when ``ranges`` is neither text nor a list of (start, stop) pairs, ``ValueError``
+        for an empty, reversed or out-of-range slice (``num_layers``, when given, bounds them).
+        """
         if isinstance(ranges, str):
             ranges = parse_ranges(ranges)
+        if ranges is not None and not isinstance(ranges, (list, tuple)):
+            raise ArgumentTypeError("ranges", Shown(ranges), "expected a list of (start, stop) pairs or text like "
+                                                             "'0-16,8-24'")
+        for r in ranges or ():
+            if not isinstance(r, (list, tuple)):
+                raise ArgumentTypeError("ranges", Shown(ranges), f"slice {r!r} is not a (start, stop) pair")
         ranges = [tuple(r) for r in ranges or ()]
         if not ranges:
             raise ValueError("slices: no ranges given; expected e.g. [(0, 16), (8, 24)]")
@@ -220,8 +231,10 @@ class ExpansionPlan:
         With ``init='copy'`` the result is tensor for tensor what mergekit writes for that config.
         ``dtype``/``out_dtype`` are recorded in ``params['mergekit']``; ``dlo expand`` casts to them
         (``expand_model`` leaves the dtype to whoever loaded the model). Errors in a file name it. With
-        ``shared=True`` the repeated ranges reuse the weights of their first occurrence.
+        ``shared=True`` the repeated ranges reuse the weights of their first occurrence. Raises ``TypeError``
+        unless ``path_or_yaml_text`` is a path or YAML text.
         """
+        check_instance("path_or_yaml_text", path_or_yaml_text, (str, os.PathLike), "a file path or YAML text")
         config, source = _read_mergekit(path_or_yaml_text)
         try:
             plan = cls.slices(_mergekit_ranges(config), init=init, num_layers=num_layers, shared=shared)
@@ -253,13 +266,23 @@ class ExpansionPlan:
     # -- views and serialisation -------------------------------------------------------------
 
     def check_base(self, num_layers: int):
-        """Raise unless the plan fits a base model of ``num_layers`` layers."""
+        """Raise unless the plan fits a base model of ``num_layers`` layers; warn (``DloWarning``) when it
+        leaves base layers out or makes the model shallower."""
         if self.num_layers is not None and self.num_layers != num_layers:
             raise ValueError(f"the plan was made for a {self.num_layers}-layer model, this one has {num_layers}")
         top = max(spec.base_index for spec in self.layers)
         if top >= num_layers:
             raise ValueError(f"the plan uses base layer {top}, out of range for a {num_layers}-layer model "
                              f"(valid: [0, {num_layers - 1}])")
+        # Legal (mergekit prunes layers this way), but an expansion that shrinks the model is usually a typo.
+        unused = sorted(set(range(num_layers)) - {spec.base_index for spec in self.layers})
+        shorter = len(self.layers) < num_layers
+        what = [f"the expanded model has {len(self.layers)} layers, fewer than the base"] if shorter else []
+        if unused:
+            what.append(f"base layers {unused} are left out")
+        if what:
+            warn(f"{self.strategy} plan for a {num_layers}-layer model: {'; '.join(what)} (fine for pruning, "
+                 "else check the ranges)")
 
     def to_table(self) -> str:
         """The map as text: new index -> base index -> init (duplicates marked new, or with the layer they reuse)."""
@@ -477,7 +500,14 @@ def expand_model(model, plan: ExpansionPlan):
     model then becomes ``Dlo<Base>``, which saves them once). Every attention ``layer_idx`` is renumbered (the
     KV cache is indexed by it), ``config.num_hidden_layers`` and ``config.layer_types`` follow the new map, and
     the map is recorded as ``config.dlo_expansion`` (see :meth:`ExpansionPlan.to_dict`).
+
+    Raises ``TypeError`` unless ``model`` is a transformers model and ``plan`` an :class:`ExpansionPlan`,
+    ``ValueError`` when the plan does not fit the model's depth. Warns (``dlo.errors.DloWarning``) when the
+    expansion has fewer layers than the base or leaves base layers unused.
     """
+    check_model(model)
+    check_instance("plan", plan, ExpansionPlan, "a dlo.ExpansionPlan (e.g. dlo.ExpansionPlan.dus(num_layers, "
+                                                "overlap))")
     check_architecture(model.config, type(model).__name__)
     if hasattr(model, "dlo_routing_config"):  # routers attached in memory: config.dlo_routing comes at save
         raise ValueError("the model already has routers; expand the base model, then attach routers")

@@ -23,8 +23,15 @@ from contextlib import ExitStack
 
 import torch
 
-from dlo.checkpoints import atomic_output_dir, check_output_dir, read_config, resolve_model_dir, weight_files
-from dlo.errors import UserError
+from dlo.checkpoints import (
+    TOKENIZER_FILES,
+    atomic_output_dir,
+    check_output_dir,
+    read_config,
+    resolve_model_dir,
+    weight_files,
+)
+from dlo.errors import UserError, warn
 from dlo.expansion import ExpansionPlan, check_architecture, expanded_config, init_layer_tensors
 
 MAX_SHARD_BYTES = 5 * 2**30
@@ -108,6 +115,9 @@ def _expand_shared(model_dir: str, plan: ExpansionPlan, output: str, force: bool
 
 
 def _copy_side_files(model_dir: str, folder: str):
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+        warn(f"{model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)}), so none is copied: the expanded "
+             "checkpoint cannot read text until the base model's tokenizer is saved next to it")
     for name in sorted(os.listdir(model_dir)):
         if any(fnmatch.fnmatch(name, pattern) for pattern in SIDE_FILES):
             shutil.copy2(os.path.join(model_dir, name), os.path.join(folder, name))

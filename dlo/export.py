@@ -39,10 +39,12 @@ import re
 import torch
 
 from dlo.checkpoints import atomic_output_dir
+from dlo.config import CAPACITY
 from dlo.errors import UserError
 from dlo.modeling import STATE_MODULE, decoder_layers, routed_layers, share_repetitions, stock_model_class
 from dlo.routing import ROUTING_BUFFERS
 from dlo.sharing import CONFIG_KEY, fold_scales, memory, reuses_of, shared_keys, unshare
+from dlo.validation import Boolean, ListOf, Number, Optional, check_instance, check_model
 
 # Tensors a routed layer adds to the stock layer's own.
 ROUTER_TENSORS = ("router.weight", "router.bias", *ROUTING_BUFFERS)
@@ -117,10 +119,26 @@ def export_static(model, min_capacity: float | None = None, num_layers: int | No
     that a peft model's shared repetitions are first given their own weights (scales folded) so that each merges
     its own adapters.
 
+    The arguments are checked before anything is merged or copied: ``TypeError`` for a model that is not one, a
+    ``min_capacity``/``num_layers`` that is not a number, ``capacities`` that is not a mapping {layer index:
+    capacity in [0, 1]}, ``similarity`` that is not a list of numbers, ``keep_shared`` that is not a bool;
+    ``ValueError`` for values out of range.
+
     Shared repetitions are materialised as plain layers, scales folded into their o_proj/down_proj (a stock model,
     as mergekit writes it); with ``keep_shared`` a kept repetition whose source layer is kept stays a repetition
     (a ``Dlo<Base>`` model that stores it once), the others are materialised.
     """
+    check_model(model)
+    min_capacity = Optional(CAPACITY)("min_capacity", min_capacity)
+    num_layers = Optional(Number(low=1, integer=True))("num_layers", num_layers)
+    if capacities is not None:
+        check_instance("capacities", capacities, dict, "a mapping {layer index: realised capacity in [0, 1]}")
+        for i, c in capacities.items():
+            Number(low=0, integer=True)("capacities key", i)
+            Number(low=0, high=1)(f"capacities[{i}]", c)
+    if similarity is not None:
+        ListOf(Number())("similarity", similarity)
+    Boolean()("keep_shared", keep_shared)
     source_memory = memory(model)
     repetitions = shared_repetitions(model)
     if repetitions and hasattr(model, "merge_and_unload"):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dlo.config import RoutingConfig
 from dlo.distributed import all_reduce_sum, gather_rows
 from dlo.routing import RouterRecord, row_budget
+from dlo.validation import check_instance
 
 
 @dataclass
@@ -200,9 +201,19 @@ def decide(target: torch.Tensor, record: RouterRecord) -> torch.Tensor:
 
 
 def router_loss(records: list[RouterRecord], config: RoutingConfig) -> RouterLossOutput:
-    """Masked BCE-with-logits of every routed layer against its labels, averaged over layers."""
+    """Masked BCE-with-logits of every routed layer against its labels, averaged over layers.
+
+    ``records``: what a forward's routed layers decided (``output.routing``); ``config``: the model's
+    RoutingConfig. Raises ``TypeError`` for anything else, ``ValueError`` for no records.
+    """
+    check_instance("records", records, (list, tuple), "a list of dlo.routing.RouterRecord (a forward's "
+                                                      "output.routing)")
     if not records:
         raise ValueError("no routing records: router_loss needs the records of a training forward")
+    for i, record in enumerate(records):
+        check_instance(f"records[{i}]", record, RouterRecord, "a dlo.routing.RouterRecord (a forward's "
+                                                              "output.routing)")
+    check_instance("config", config, RoutingConfig, "a dlo.RoutingConfig (the model's dlo_routing_config)")
     targets = router_targets(records, config.label)
     sums, means = [], []
     for record, target in zip(records, targets):

@@ -12,6 +12,7 @@ therefore trains a routed model correctly.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,8 +23,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from dlo.attention import check_block_attention, packed_examples
 from dlo.cache import RoutedCache
-from dlo.checkpoints import check_weights, read_config, resolve_model_dir
-from dlo.config import RoutingConfig
+from dlo.checkpoints import check_routing_config, check_weights, read_config, resolve_model_dir
+from dlo.config import CAPACITIES, LOW_CAPACITY, RoutingConfig, warn_low_capacity
 from dlo.distributed import all_reduce_sum, world_size
 from dlo.errors import UserError
 from dlo.families import MODEL_TYPES, check_causal_lm
@@ -40,6 +41,7 @@ from dlo.routing import (
 from dlo.sharing import CONFIG_KEY, config_record, plain_projections, reuses_of, share_layers, shared_keys, unshare
 from dlo.state import RoutingState
 from dlo.static_cache import route_static_cache
+from dlo.validation import ListOf, Number, check_instance, check_model
 
 register_config_types(MODEL_TYPES)
 STATE_MODULE = "dlo_routing_state"
@@ -391,7 +393,15 @@ def materialise_repetitions(model):
 
 
 def attach_routers(model, config: RoutingConfig | None = None):
-    """Wrap the chosen decoder layers of ``model`` in per-token routers (in place; returns the model)."""
+    """Wrap the chosen decoder layers of ``model`` in per-token routers (in place; returns the model).
+
+    Raises ``TypeError`` unless ``model`` is a transformers model and ``config`` a ``RoutingConfig`` (or None:
+    the defaults), ``ValueError`` when its layers or capacities do not fit the model.
+    """
+    check_model(model)
+    if config is not None:
+        check_instance("config", config, RoutingConfig, "a dlo.RoutingConfig (e.g. dlo.RoutingConfig(capacity=0.5); "
+                                                        "a dict: dlo.RoutingConfig(**d)) or None")
     config = config or RoutingConfig()
     layers = decoder_layers(model)
     if routed_layers(model) or hasattr(model, STATE_MODULE):
@@ -446,12 +456,21 @@ def load_model(path: str, capacity: float | list[float] | None = None, revision:
     commit), resolved as transformers resolves it, or a GGUF file (``path`` ending in ``.gguf``, or
     ``gguf_file`` inside ``path``) converted once by ``dlo.gguf``. ``capacity`` overrides the per-layer targets.
 
-    Extra keyword arguments go to ``from_pretrained`` (e.g. ``dtype``, ``device_map``).
+    Extra keyword arguments go to ``from_pretrained`` (e.g. ``dtype``, ``device_map``). Raises ``TypeError``
+    unless ``path`` is a path or hub id and ``revision``/``gguf_file`` are text or None, ``ValueError`` for a
+    capacity outside (0, 1], before anything is read; a ``UserError`` names a checkpoint that is not dlo's, or
+    whose config.json lost the routing section its router weights need.
     """
+    check_instance("path", path, (str, os.PathLike), "a model directory, a hub id (org/name) or a .gguf file")
+    for name, value in (("revision", revision), ("gguf_file", gguf_file)):
+        check_instance(name, value, (str, type(None)), "text (a branch, tag or commit; a file name) or None")
+    if capacity is not None:
+        CAPACITIES("capacity", capacity)
     model_dir = resolve_model_dir(path, revision, gguf_file)
     raw = read_config(model_dir)
     info = raw.get("dlo_routing") or raw.get(CONFIG_KEY)
     if info is None:
+        check_routing_config(model_dir, raw)
         raise UserError(f"{path}: config has no 'dlo_routing' (no routers) and no '{CONFIG_KEY}' (no shared "
                         "layers); load it with AutoModelForCausalLM")
     check_weights(model_dir)
@@ -478,14 +497,23 @@ def load_model(path: str, capacity: float | list[float] | None = None, revision:
 
 
 def set_capacity(model, capacity: float | list[float]):
-    """Set per-layer target capacities (one value or one per routed layer); thresholds follow."""
+    """Set per-layer target capacities (one value or one per routed layer); thresholds follow.
+
+    Raises ``TypeError`` for a capacity that is not a number (or a list of them), ``ValueError`` for a model
+    without routers, a capacity outside (0, 1] or a list of the wrong length; warns (``DloWarning``) below
+    ``dlo.config.LOW_CAPACITY``.
+    """
+    check_model(model)
     layers = routed_layers(model)
-    values = list(capacity) if isinstance(capacity, (list, tuple)) else [capacity] * len(layers)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no routed layers, so no capacity to set; call "
+                         "dlo.attach_routers first")
+    checked = CAPACITIES("capacity", capacity)
+    values = checked if isinstance(checked, list) else [checked] * len(layers)
     if len(values) != len(layers):
         raise ValueError(f"capacity has {len(values)} values for {len(layers)} routed layers; give one or one each")
-    for c in values:
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0.0 < float(c) <= 1.0):
-            raise ValueError(f"capacity={c!r}: must be a number in (0, 1]")
+    low = [layer.layer_index for layer, c in zip(layers, values) if c < LOW_CAPACITY]
+    warn_low_capacity(values, f" for layer(s) {low}")
     with torch.no_grad():
         for layer, c in zip(layers, values):
             layer.capacity.fill_(float(c))
@@ -494,12 +522,17 @@ def set_capacity(model, capacity: float | list[float]):
 @contextmanager
 def forced_routing(model, mode: str | None, layers: list[int] | None = None):
     """Temporarily force routed layers (all, or those with the given layer indices) to run every token
-    exactly as the stock layer does (``'run'``: gate 1) or to skip every token (``'skip'``)."""
+    exactly as the stock layer does (``'run'``: gate 1) or to skip every token (``'skip'``).
+
+    Raises ``ValueError`` for another ``mode``, a model without routers or ``layers`` naming an unrouted layer,
+    ``TypeError`` when ``layers`` is not a list of layer indices.
+    """
     if mode not in (*FORCE_MODES, None):
         raise ValueError(f"mode={mode!r}: expected one of {FORCE_MODES} or None")
+    check_instance("model", model, torch.nn.Module, "a routed model (or a peft / DDP wrapper of one)")
     state = routing_state(model)
     routed = [layer.layer_index for layer in state.layers]
-    chosen = routed if layers is None else list(layers)
+    chosen = routed if layers is None else ListOf(Number(low=0, integer=True))("layers", layers)
     unknown = sorted(set(chosen) - set(routed))
     if unknown:
         raise ValueError(f"layers {unknown} are not routed (routed: {routed})")

@@ -4,7 +4,8 @@ The routed model computes its own loss (task + lambda * router) and its RoutingS
 every optimizer step, so any loop trains it correctly. What is left here is what only a trainer knows:
 
 - ``RoutingLogCallback`` adds the routing terms to the Trainer's logs (tensorboard and console):
-  ``task_loss``, ``router_loss``, per layer ``routing/capacity|score|agreement|threshold|target_capacity``,
+  ``task_loss``, ``router_loss``, per layer
+  ``routing/capacity|score|score_std|agreement|label_agreement|label_run_share|threshold|target_capacity``,
   ``flops/routed_over_dense_expanded`` and ``tokens_per_second``, reduced over ranks and micro-batches.
   ``add_routing_callback(trainer)`` installs it on a plain ``Trainer`` or TRL ``SFTTrainer``.
 - ``DloTrainer`` = ``Trainer`` + that callback + optional per-layer learning rates scaled by capacity +
@@ -13,6 +14,7 @@ every optimizer step, so any loop trains it correctly. What is left here is what
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -22,10 +24,13 @@ from transformers import Trainer, TrainerCallback
 from dlo.distributed import all_reduce_sum, any_rank
 from dlo.flops import routed_over_dense_ratio
 from dlo.modeling import routed_layers, routing_state
+from dlo.validation import Boolean, Number, check_instance
 
 
 def find_routed_model(model):
-    """The routed model under DDP / accelerate / peft wrappers, or None for a plain model."""
+    """The routed model under DDP / accelerate / peft wrappers, or None for a plain model (``TypeError`` for
+    anything that is no ``torch.nn.Module``)."""
+    check_instance("model", model, torch.nn.Module, "a model (torch.nn.Module), possibly wrapped")
     for module in model.modules():
         if hasattr(module, "dlo_routing_config") and hasattr(module, "get_decoder"):
             return module
@@ -33,8 +38,9 @@ def find_routed_model(model):
 
 
 def routing_log_entries(model) -> dict[str, float]:
-    """Flat log entries (``routing/capacity/layer_3``, ...) of what the model's routing did since the last call."""
-    state = routing_state(model)
+    """Flat log entries (``routing/capacity/layer_3``, ...) of what the model's routing did since the last call.
+    Raises ``ValueError`` for a model without routers."""
+    state = routing_state(check_instance("model", model, torch.nn.Module, "a routed model (torch.nn.Module)"))
     means = state.pop_logs()
     if not means:
         return {}
@@ -50,7 +56,12 @@ def routing_log_entries(model) -> dict[str, float]:
 
 
 def routing_console_line(logs: dict) -> str:
-    """One readable line per log: step loss terms and per-layer realised capacity and agreement."""
+    """One readable line per log: step loss terms and per-layer realised capacity and agreement. ``logs`` is
+    a Trainer log holding ``routing_log_entries`` (``ValueError`` names what is missing)."""
+    check_instance("logs", logs, dict, "a Trainer log (a dict) with routing entries")
+    if "router_loss" not in logs:
+        raise ValueError(f"logs has no 'router_loss' (keys: {sorted(logs)[:8]}); pass a log that "
+                         "routing_log_entries filled")
     layers = sorted(int(k.rsplit("_", 1)[1]) for k in logs if k.startswith("routing/capacity/layer_"))
     cells = " ".join(f"L{i}:{logs[f'routing/capacity/layer_{i}']:.2f}/{logs[f'routing/agreement/layer_{i}']:.2f}"
                      for i in layers)
@@ -65,7 +76,7 @@ class RoutingLogCallback(TrainerCallback):
     """
 
     def __init__(self, print_line: bool = True):
-        self.print_line = print_line
+        self.print_line = Boolean()("print_line", print_line)
         self._tokens: torch.Tensor | None = None  # real tokens since the last log, on the model's device
         self._rows = 0
         self._last_time = time.perf_counter()
@@ -113,7 +124,10 @@ class RoutingLogCallback(TrainerCallback):
 
 
 def add_routing_callback(trainer: Trainer, print_line: bool = True) -> RoutingLogCallback:
-    """Install ``RoutingLogCallback`` first in ``trainer``'s callbacks, so every reporter sees its entries."""
+    """Install ``RoutingLogCallback`` first in ``trainer``'s callbacks, so every reporter sees its entries.
+    Raises ``TypeError`` unless ``trainer`` is a transformers ``Trainer`` (TRL's trainers are) and ``print_line``
+    a bool."""
+    check_instance("trainer", trainer, Trainer, "a transformers Trainer (or TRL SFTTrainer)")
     callback = RoutingLogCallback(print_line=print_line)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
@@ -184,7 +198,8 @@ class CapacityImageCallback(TrainerCallback):
     """Every ``every`` optimizer steps, draws per-layer realised vs target capacity into tensorboard."""
 
     def __init__(self, log_dir: str, every: int):
-        self.log_dir, self.every = log_dir, every
+        self.log_dir = check_instance("log_dir", log_dir, (str, os.PathLike), "a directory path")
+        self.every = Number(low=1, integer=True)("every", every)
         self.writer = None
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):

@@ -4,6 +4,9 @@ A dataclass field declares its check in ``metadata["check"]``; ``check_fields`` 
 stores the normalised values (an integral number given for an integer becomes an ``int``, any number
 given for a float a ``float``). Booleans are never numbers: ``capacity: true`` is refused, not read
 as 1.0, and a lone number is not a list.
+
+The same checks guard the Python API's arguments: a value of the wrong kind raises
+``ArgumentTypeError``, a ``TypeError`` as Python raises for one, and a ``UserError`` like every other refusal.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ class ConfigValueError(UserError):
 
     def within(self, section: str) -> ConfigValueError:
         return ConfigValueError(f"{section}.{self.key}" if section else self.key, self.value, self.problem)
+
+
+class ArgumentTypeError(ConfigValueError, TypeError):
+    """``key=value: expected ...``: a value of the wrong kind (a string for a number, an int for a list)."""
 
 
 def _bound(value: float) -> str:
@@ -67,10 +74,12 @@ class Number:
     def __call__(self, key: str, value: Any):
         is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
         whole = isinstance(value, numbers.Integral) or (is_number and float(value).is_integer())
-        if not is_number or (self.integer and not whole):
+        if not is_number:
+            raise ArgumentTypeError(key, value, f"expected {self.describe()}")
+        if self.integer and not whole:
             raise ConfigValueError(key, value, f"expected {self.describe()}")
         if value not in self.also and not self.in_range(value):
-            raise ConfigValueError(key, value, f"must be {self.range_text()}"
+            raise ConfigValueError(key, value, f"must be {self.range_text() or 'a number, not nan'}"
                                    + "".join(f" or {_bound(v)}" for v in self.also))
         return int(value) if self.integer else float(value)
 
@@ -80,8 +89,13 @@ class AcceptAsIs:
 
     def __call__(self, key: str, value: Any):
         if not self.accepts(value):
-            raise ConfigValueError(key, value, f"expected {self.describe()}")
+            raise (ConfigValueError if self.right_kind(value) else ArgumentTypeError)(
+                key, value, f"expected {self.describe()}")
         return value
+
+    def right_kind(self, value: Any) -> bool:
+        """A refused value of the right type is a ValueError (a blank string, an unknown choice), else a TypeError."""
+        return False
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,9 @@ class Choice(AcceptAsIs):
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, str) and value in self.options
+
+    def right_kind(self, value: Any) -> bool:
+        return isinstance(value, str)
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,9 @@ class Text(AcceptAsIs):
     def accepts(self, value: Any) -> bool:
         return isinstance(value, str) and (self.allow_empty or bool(value.strip()))
 
+    def right_kind(self, value: Any) -> bool:
+        return isinstance(value, str)
+
 
 @dataclass(frozen=True)
 class Mapping(AcceptAsIs):
@@ -138,7 +158,8 @@ class ListOf:
 
     def __call__(self, key: str, value: Any):
         if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigValueError(key, value, f"expected {self.describe()}")
+            raise (ConfigValueError if isinstance(value, (list, tuple)) else ArgumentTypeError)(
+                key, value, f"expected {self.describe()}")
         items = [self.item(f"{key}[{i}]", v) for i, v in enumerate(value)]
         if self.unique and len(set(items)) != len(items):
             raise ConfigValueError(key, value, "lists an item twice")
@@ -163,7 +184,7 @@ class ScalarOrList:
             return self.scalar(key, value)
         except ConfigValueError as err:
             if err.problem.startswith("expected"):
-                raise ConfigValueError(key, value, f"expected {self.describe()}") from None
+                raise type(err)(key, value, f"expected {self.describe()}") from None
             raise
 
 
@@ -183,7 +204,7 @@ class Optional:
             return self.check(key, value)
         except ConfigValueError as err:
             if err.key == key and err.problem.startswith("expected"):
-                raise ConfigValueError(key, value, f"expected {self.describe()}") from None
+                raise type(err)(key, value, f"expected {self.describe()}") from None
             raise
 
 
@@ -211,3 +232,34 @@ def check_fields(obj) -> None:
         check = f.metadata.get("check")
         if check is not None:
             setattr(obj, f.name, check(f.name, getattr(obj, f.name)))
+
+
+# -- the Python API's arguments -----------------------------------------------------------------------------------
+
+
+def check_instance(name: str, value: Any, kinds: type | tuple[type, ...], expected: str) -> Any:
+    """Refuse an argument that is not an instance of ``kinds`` (``expected`` says what is valid)."""
+    if not isinstance(value, kinds):
+        raise ArgumentTypeError(name, Shown(value), f"expected {expected}")
+    return value
+
+
+def check_model(value: Any, name: str = "model") -> Any:
+    """Refuse anything but a transformers model (a ``torch.nn.Module`` with a ``config``)."""
+    import torch
+
+    if not isinstance(value, torch.nn.Module) or not hasattr(value, "config"):
+        raise ArgumentTypeError(name, Shown(value), "expected a transformers *ForCausalLM model (a torch.nn.Module "
+                                                    "with a .config), e.g. from AutoModelForCausalLM.from_pretrained")
+    return value
+
+
+class Shown:
+    """A value as a message shows it: its repr, cut short (a whole model or data set would flood the line)."""
+
+    def __init__(self, value: Any):
+        text = repr(value)
+        self.text = text if len(text) <= 80 else f"{text[:60]}... ({type(value).__name__})"
+
+    def __repr__(self) -> str:
+        return self.text

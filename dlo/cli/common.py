@@ -8,10 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from dlo.checkpoints import adapter_base_dir, check_weights, read_config, resolve_model_dir
+from dlo.checkpoints import (
+    TOKENIZER_FILES,
+    adapter_base_dir,
+    check_routing_config,
+    check_weights,
+    read_config,
+    resolve_model_dir,
+)
 from dlo.errors import UserError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Longest default truncation of eval records (a model with fewer positions gets its own limit).
 DEFAULT_MAX_LENGTH = 512
@@ -68,6 +74,7 @@ def find_model(ref: str, revision: str | None = None, gguf_file: str | None = No
     config = read_config(base_dir)
     for folder in dict.fromkeys([model_dir, base_dir]):
         check_weights(folder)
+    check_routing_config(base_dir, config)
     return ModelSource(ref, model_dir, base_dir, config)
 
 

@@ -8,8 +8,10 @@ checkpoint (``dlo.load_model``, or ``trust_remote_code=True``).
 
 from __future__ import annotations
 
+import os
+
 from dlo.checkpoints import check_output_dir, resolve_model_dir
-from dlo.errors import UserError
+from dlo.errors import UserError, warn
 from dlo.expansion import DEFAULT_INIT, INITS, SHARED_SCALE, STRATEGIES, ExpansionPlan
 from dlo.expansion_io import expand_checkpoint, load_base_config
 from dlo.model_card import write_model_card
@@ -54,6 +56,10 @@ def run(args):
     model_dir = resolve_model_dir(args.model or mergekit.params["mergekit"]["model"], args.revision,
                                   args.gguf_file)
     output = check_output_dir(args.output, args.force, inputs=[model_dir, *([args.mergekit] if mergekit else [])])
+    named = mergekit.params["mergekit"]["model"] if mergekit else None
+    if named is not None and args.model is not None and not _same_model(named, args.model, model_dir):
+        warn(f"mergekit config {args.mergekit} names model {named!r}, but --model {args.model!r} is given: its "
+             "slices are applied to --model")
     config = load_base_config(model_dir)
     if mergekit:
         plan = ExpansionPlan.from_mergekit(args.mergekit, init=init, num_layers=config.num_hidden_layers,
@@ -73,6 +79,14 @@ def run(args):
         return
     print(f"wrote {output} ({len(plan.layers)} layers; loads with AutoModelForCausalLM.from_pretrained, "
           "no custom code)")
+
+
+def _same_model(named: str, given: str, model_dir: str) -> bool:
+    """Whether the model a mergekit config names is the ``--model`` given (``model_dir``, as it resolved).
+    A hub id is compared as text: resolving it could mean a download."""
+    if named == given:
+        return True
+    return os.path.isdir(named) and os.path.samefile(named, model_dir)
 
 
 def check_options(args) -> tuple[str, str]:

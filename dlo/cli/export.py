@@ -14,7 +14,7 @@ from dlo.cli.common import (
     max_length,
     resolve_device,
 )
-from dlo.errors import UserError
+from dlo.errors import UserError, warn
 
 
 def add_parser(subparsers):
@@ -89,7 +89,7 @@ def run(args):
         },
     }
     if tokenizer is None:
-        print(f"note: {args.model} has no tokenizer; the export is saved without one")
+        warn(f"{args.model} has no tokenizer, so none is copied: the export is saved without one")
     path = save_export(exported, output, tokenizer, record, force=args.force)
     write_model_card(path)
     print(summary(record))
