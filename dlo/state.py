@@ -117,6 +117,14 @@ class RoutingState(nn.Module):
             "agreement": torch.stack([(((torch.sigmoid(r.logits) >= layer.threshold()) == r.selected) & r.valid).sum()
                                       for layer, r in zip(self._layers, records)]).double(),
             "label_run_share": run_labels,
+            # Selection that matches the labels, weighted as label_run_counts weights them: with the packed source
+            # an estimate of the agreement with the labels a dense pass would give (1 where labels are selection).
+            "label_agreement": torch.stack([
+                ((lab == r.selected) & r.valid).double().mul(
+                    r.valid if r.similarity_weight is None else r.similarity_weight).sum()
+                for r, lab in zip(records, labels)]),
+            # With "score", the scores' spread: a router whose scores bunch together has stopped ordering tokens.
+            "score_sq": (scores.double().square() * valid).sum((1, 2)),
         }
         sums = {f"routing/{k}": v for k, v in layer_sums.items()}
         sums["routing/valid_tokens"] = n_valid
@@ -184,8 +192,10 @@ class RoutingState(nn.Module):
         out: dict[str, float | list[float]] = {"router_loss": float(sums["router_loss"]) / max(valid, 1.0)}
         if float(sums["task_tokens"]) > 0:  # the caller computed the task loss itself (e.g. a fused LM head)
             out["task_loss"] = float(sums["task_loss"]) / float(sums["task_tokens"])
-        for key in ("capacity", "score", "agreement", "label_run_share"):
+        for key in ("capacity", "score", "agreement", "label_run_share", "label_agreement"):
             out[f"routing/{key}"] = (sums[f"routing/{key}"] / max(valid, 1.0)).tolist()
+        mean, mean_sq = (sums[f"routing/{key}"] / max(valid, 1.0) for key in ("score", "score_sq"))
+        out["routing/score_std"] = (mean_sq - mean.square()).clamp(min=0).sqrt().tolist()
         out["routing/threshold"] = [float(layer.threshold()) for layer in self._layers]
         out["routing/target_capacity"] = [layer.target_capacity for layer in self._layers]
         return out

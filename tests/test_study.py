@@ -369,3 +369,40 @@ def test_the_full_config_names_every_arm_of_the_study():
     routed_shared, routed = cfg.arm("shared-dlo-c050").recipe, cfg.arm("dlo-c050-cos").recipe
     assert routed_shared["routing"] == routed["routing"]
     assert routed_shared["model"]["expansion"] == {**routed["model"]["expansion"], "shared": True}
+
+
+@pytest.mark.slow
+def test_every_training_run_writes_its_curves_and_each_arm_a_figure(study):
+    """What the trainer logged, per step (logging_steps=1, two steps), from each run's final/log_history.json."""
+    study_dir, _ = study
+    _, _, rows = study_rows(study_dir)
+    diagnostics = study_dir / "diagnostics"
+    for arm in ("base", "dense", "dlo-c050-cos", "shared-lora"):
+        assert (diagnostics / f"{arm}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for seed in (0, 1):
+            run = json.loads((diagnostics / arm / f"seed{seed}.json").read_text())
+            steps = rows[(arm, seed)]["train_steps"]  # 2, or more for the run another test stopped and resumed
+            assert (run["arm"], run["seed"], run["steps"]) == (arm, seed, list(range(1, steps + 1)))
+            assert len(run["loss"]) == len(run["task_loss"]) == steps and math.isfinite(run["eval_loss"])
+            assert ("layers" in run) == ("router_loss" in run) == (arm == "dlo-c050-cos")
+    run = json.loads((diagnostics / "dlo-c050-cos" / "seed0.json").read_text())
+    assert set(run["layers"]) == {"1", "2"} and len(run["router_loss"]) == 2
+    for curves in run["layers"].values():
+        assert set(curves) >= {"capacity", "target_capacity", "label_agreement", "score_std"}
+        assert all(len(values) == 2 and all(0.0 <= v <= 1.0 for v in values) for values in curves.values())
+    # The untrained arms have no training to show.
+    assert not (diagnostics / "shared-untrained").exists() and not (diagnostics / "shared-untrained.png").exists()
+
+
+def test_selected_arms_bring_their_references():
+    study = load_study_module()
+    cfg = study.load_study_config(str(CONFIG), [])
+    study.select_arms(cfg, ["dlo-c050-cos"])
+    assert [arm.name for arm in cfg.arms] == ["base", "dense", "dlo-c050-cos"]
+    assert cfg.compare == [["dense", "base"], ["dlo-c050-cos", "shortgpt-2L"],
+                           ["dlo-c050-cos", "dlo-c050-cos/usage-2L"]]
+    cfg = study.load_study_config(str(CONFIG), [])
+    study.select_arms(cfg, ["base-long"])  # trained for the FLOPs of dlo-c050-cos, which it needs
+    assert [arm.name for arm in cfg.arms] == ["base", "dense", "dlo-c050-cos", "base-long"]
+    with pytest.raises(ValueError, match=r"--arms: \['nope'\] are not arms of the config"):
+        study.select_arms(cfg, ["nope"])

@@ -16,7 +16,8 @@ and, for routed layers, the share of each group's positions that ran them. The m
 ``timing.seeds`` seeds are timed in interleaved rounds: prefill, training step, decode. Each figure is
 aggregated over seeds (mean and 95% t-interval); the gain share ((base - model) / (base - dense) in eval
 loss, per seed) and the added-compute share ((model - base) / (dense - base) in FLOPs) give the headline.
-Outputs: ``study.md``, ``study.json``, plots ``study_*.png`` and tensorboard (``<study_dir>/tb``).
+Outputs: ``study.md``, ``study.json``, plots ``study_*.png``, tensorboard (``<study_dir>/tb``) and the training
+curves of every run (``<study_dir>/diagnostics``: a JSON per run, a figure per arm). ``--arms`` runs some arms only.
 
 Training runs ``workers`` at a time (one-process sft.py runs; 2 fill a 2-core CPU), then every run is measured.
 The study resumes: a run with ``final/summary.json`` is not retrained, a run with checkpoints continues from
@@ -37,7 +38,7 @@ from transformers.utils import logging as hf_logging
 
 from dlo.checkpoints import resolve_model_dir
 from dlo.study.arms import match_training_flops
-from dlo.study.config import load_study_config
+from dlo.study.config import load_study_config, select_arms
 from dlo.study.jsonfiles import read_json, write_json
 from dlo.study.measurement import EvalData, measure_run
 from dlo.study.report import write_outputs
@@ -53,6 +54,9 @@ def parse_args(argv):
     parser.add_argument("--no-train", action="store_true",
                         help="train nothing: measure and report the runs that have finished (e.g. while another "
                              "process trains the rest); unfinished runs are left out of every table")
+    parser.add_argument("--arms", type=lambda text: [n for n in text.split(",") if n],
+                        help="comma-separated arms to run, e.g. dlo-c050-cos; the static base and dense arms and "
+                             "the arms whose training FLOPs they match are added (default: every arm)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys into sections")
     return parser.parse_args(argv)
 
@@ -60,6 +64,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_study_config(args.config, args.overrides)
+    if args.arms:
+        select_arms(cfg, args.arms)
     hf_logging.disable_progress_bar()  # dozens of models load; their bars would bury the progress lines
     os.makedirs(cfg.study_dir, exist_ok=True)
     ensure_testbed(cfg)

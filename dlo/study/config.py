@@ -148,3 +148,17 @@ def model_names(cfg: StudyConfig) -> list[str]:
     names += [f"shortgpt-{n}L" for n in cfg.static.num_layers]
     names += [f"{arm.name}/usage-{n}L" for arm in cfg.arms if arm.kind == "dlo" for n in cfg.static.num_layers]
     return names
+
+
+def select_arms(cfg: StudyConfig, names: list[str]):
+    """Keep only the arms ``names`` and those they need: the static base and dense (every share is relative to
+    them) and the arms whose training FLOPs they match; ``compare`` keeps the pairs left whole."""
+    known = [arm.name for arm in cfg.arms]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--arms: {unknown} are not arms of the config; arms: {known}")
+    keep = {*names, cfg.static.base, cfg.static.dense}
+    keep |= {cfg.arm(n).train_flops_of for n in names if cfg.arm(n).train_flops_of is not None}
+    cfg.arms = [arm for arm in cfg.arms if arm.name in keep]
+    models = set(model_names(cfg))
+    cfg.compare = [pair for pair in cfg.compare if set(pair) <= models]

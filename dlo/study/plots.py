@@ -115,3 +115,37 @@ def plot_study(summary: list[dict], groups: list[str], out_dir: str, timing_shap
         figure.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle above the top row's titles
         figure.savefig(os.path.join(out_dir, f"study_{key}.png"), dpi=100)
     return figures
+
+
+def plot_curves(runs: list[dict], path: str) -> str:
+    """One arm's training curves (dlo.study.diagnostics), saved at ``path``: a panel per quantity, a colour per
+    seed (named with its eval loss), a line style per routed layer."""
+    from matplotlib import colormaps
+
+    routed = "layers" in runs[0]
+    panels = [("task_loss", "task loss (log scale)")]
+    if routed:
+        panels += [("router_loss", "router loss"), ("capacity", "realised capacity (thin dotted: target)"),
+                   ("label_agreement", "share of tokens whose selection matches the label"),
+                   ("score_std", "std of router scores")]
+    styles = ("-", "--", "-.", ":")
+    fig, axes = _figure(len(panels))
+    for ax, (key, title) in zip(axes[0], panels):
+        for n, run in enumerate(runs):
+            colour = colormaps["tab10"](n % 10)
+            if key in run:  # a per-run quantity
+                ax.plot(run["steps"], run[key], color=colour, lw=1,
+                        label=f"seed {run['seed']} (eval loss {run['eval_loss']:.3f})")
+                continue
+            for style, curves in zip(styles, run["layers"].values()):
+                ax.plot(run["steps"], curves[key], color=colour, lw=1, ls=style)
+                if key == "capacity":
+                    ax.plot(run["steps"], curves["target_capacity"], color=colour, lw=0.6, ls=":")
+        ax.set(xlabel="training step", title=title, yscale="log" if key == "task_loss" else "linear")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    layers = "; routed layers: " + ", ".join(f"{i} '{s}'" for s, i in zip(styles, runs[0]["layers"])) if routed else ""
+    fig.suptitle(f"{runs[0]['arm']}: training curves per seed{layers}")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=100)
+    return path

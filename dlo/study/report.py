@@ -1,4 +1,4 @@
-"""The study's outputs: study.md, study.json, the plots and tensorboard."""
+"""The study's outputs: study.md, study.json, the plots, tensorboard and the training curves."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 
 from dlo.report import versions
 from dlo.study.config import StudyConfig
+from dlo.study.diagnostics import write_diagnostics
 from dlo.study.measurement import EvalData
 from dlo.study.plots import plot_study
 from dlo.study.preregistered import preregistered, preregistered_text
@@ -64,4 +65,5 @@ def write_outputs(cfg: StudyConfig, rows: list[dict], data: EvalData, config_pat
     with open(os.path.join(cfg.study_dir, "study.json"), "w") as fh:
         json.dump(study, fh, indent=2)
     write_tensorboard(summary, tables, figures, os.path.join(cfg.study_dir, "tb"))
+    write_diagnostics(cfg, rows)
     return tables
