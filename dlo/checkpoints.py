@@ -28,6 +28,8 @@ MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model",
 MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                       "pytorch_model.bin.index.json")
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# The weights of a routed layer's router (dlo/routing.py), by layer index.
+ROUTER_KEY = re.compile(r"layers\.(\d+)\.router\.")
 # Either one makes a directory's tokenizer loadable (AutoTokenizer.from_pretrained).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -220,10 +222,10 @@ def check_routing_config(model_dir: str, config: dict):
         return
     if not any(os.path.isfile(os.path.join(model_dir, name)) for name in ("model.safetensors", SAFETENSORS_INDEX)):
         return  # pytorch_model.bin: its tensor names cannot be listed without loading it
-    routers = sorted(key for key in weight_files(model_dir) if ".router." in key)
-    if routers:
+    layers = sorted({int(m.group(1)) for key in weight_files(model_dir) if (m := ROUTER_KEY.search(key))})
+    if layers:
         raise UserError(f"{os.path.join(model_dir, 'config.json')}: no 'dlo_routing' section, but the weights hold "
-                        f"{len(routers)} router tensors (e.g. {routers[0]}): the checkpoint lost its routing config; "
+                        f"routers for layers {layers}: the checkpoint lost its routing config; "
                         "restore the config.json dlo saved with these weights (its 'dlo_routing' says which layers "
                         "route, at what capacity and threshold)")
 
