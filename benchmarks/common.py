@@ -6,6 +6,7 @@ takes the folder off sys.path again (this module is loaded by then).
 """
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -17,6 +18,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
 import torch  # noqa: E402
+
+
+def sibling(name: str):
+    """Another benchmark script as a module, to reuse its functions (this folder is off sys.path, see above)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def device_name(device: torch.device) -> str:

@@ -145,3 +145,35 @@ def test_frankenmodel_benchmark_json(tmp_path):
     assert [row["layer"] for row in shared["layers"]] == [row["layer"] for row in copied["layers"]] == [4, 5]
     for arm in (base, copied, shared):
         assert math.isfinite(arm["eval_loss"]) and arm["eval_loss"] > 0
+
+
+def test_real_model_benchmark_json(tmp_path):
+    """The real-model benchmark on a tiny random Llama saved as a checkpoint, expanded 4 -> 6 layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
+    result = run_benchmark("real_model.py", tmp_path / "real_model.json", "--quick", "--model", str(tmp_path / "tiny"),
+                           "--groups", "2", "--profile", "--threads", "1")  # tiny ops: threads only contend
+    assert result["config"]["layers"] == 6 and result["config"]["new_layers"] == [2, 5]
+    training = {(r["capacity"], r["candidate"]): r for r in result["training"]}
+    for c in (0.5, 0.25):
+        for name in ("dense", "routed-new", "limit-new", "routed-all", "limit-all"):
+            assert _finite_positive(training[c, name]["ratio"]), (c, name)
+        assert training[c, "dense"]["ratio"] == pytest.approx(1.0)
+        for name in ("routed-new", "routed-all"):
+            assert math.isfinite(training[c, name]["gap"])
+    prefill = {(r["batch"], r["candidate"]): r for r in result["prefill"]}
+    decode = {(r["batch"], r["candidate"]): r for r in result["decode"]}
+    for b in result["config"]["batch_sizes"]:
+        for name in ("dense", "routed-new", "limit-new", "routed-all", "limit-all"):
+            assert _finite_positive(prefill[b, name]["ratio"]), (b, name)
+        for name in ("dense", "routed-new", "routed-all"):
+            assert _finite_positive(decode[b, name]["ratio"]), (b, name)
+        for name in ("routed-new", "routed-all"):  # calibrated thresholds: some tokens run, not necessarily all
+            assert 0.0 < prefill[b, name]["run_share"] <= 1.0 and 0.0 <= decode[b, name]["run_share"] <= 1.0
+    for per in result["profile"].values():
+        assert set(per) == {"routed-all", "limit-all"} and all(sum(ops.values()) > 0 for ops in per.values())
+    assert result["load_average_before"] >= 0 and result["environment"]["device"]
