@@ -9,8 +9,10 @@
   language-modelling loss.
 
 ``python -m dlo.real_data --output runs/data/real`` writes ``train.jsonl`` and ``eval.jsonl`` (chat records; the
-held-out conversations are drawn by ``--seed``), ``text.jsonl`` (``{"text": ...}`` passages) and
-``manifest.json`` (sources, versions, counts, seed). A rerun with the same settings does nothing.
+held-out conversations are drawn by ``--seed``), ``text.jsonl`` (``{"text": ...}`` passages), ``choice.jsonl``
+(each held-out first exchange as a question with its answer among ``CHOICES`` answers, the others drawn by the
+seed from other held-out conversations; the lm-eval tasks in recipes/lm_eval/real score it) and ``manifest.json``
+(sources, versions, counts, seed). A rerun with the same settings does nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dlo.checkpoints import atomic_output_dir
 from dlo.errors import UserError, run_entry_point
 
 CHAT_PACKAGE = "chatterbot-corpus"
+CHOICES = 4
 PASSAGE_CHARS = 1500
 MANIFEST = "manifest.json"
 
@@ -81,11 +84,25 @@ def split(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[di
     return train, [r for i, r in enumerate(records) if i in held_out]
 
 
+def choice_records(held_out: list[dict], seed: int) -> list[dict]:
+    """The first exchange of each held-out conversation as ``{"question", "choices", "label"}``: its own answer and
+    ``CHOICES - 1`` distinct answers of other conversations, in an order drawn by ``seed``."""
+    rng = random.Random(seed)
+    firsts = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in held_out]
+    answers = sorted({answer for _, answer in firsts})
+    records = []
+    for question, answer in firsts:
+        choices = [answer, *rng.sample([a for a in answers if a != answer], CHOICES - 1)]
+        rng.shuffle(choices)
+        records.append({"question": question, "choices": choices, "label": choices.index(answer)})
+    return records
+
+
 def build(output: str | os.PathLike, seed: int = 0, eval_fraction: float = 0.1) -> dict:
     """Write the data set into ``output`` (atomically); returns its manifest. Nothing is rewritten when
     ``output`` already holds the same sources and settings."""
     records = chat_records()
-    manifest = {"chat": {"package": CHAT_PACKAGE, "version": _version(CHAT_PACKAGE), "licence": "BSD-3-Clause"},
+    manifest = {"format": 2, "chat": {"package": CHAT_PACKAGE, "version": _version(CHAT_PACKAGE), "licence": "BSD-3-Clause"},
                 "text": {"source": "pydoc_data.topics (the Python Language Reference)",
                          "python": sys.version.split()[0], "licence": "PSF-2.0"},
                 "seed": seed, "eval_fraction": eval_fraction}
@@ -96,9 +113,11 @@ def build(output: str | os.PathLike, seed: int = 0, eval_fraction: float = 0.1) 
             return recorded
     train, held_out = split(records, eval_fraction, seed)
     texts = text_records()
-    manifest["counts"] = {"train": len(train), "eval": len(held_out), "text": len(texts)}
+    choices = choice_records(held_out, seed)
+    manifest["counts"] = {"train": len(train), "eval": len(held_out), "text": len(texts), "choice": len(choices)}
     with atomic_output_dir(output, force=existing.is_file()) as tmp:
-        for name, part in (("train.jsonl", train), ("eval.jsonl", held_out), ("text.jsonl", texts)):
+        parts = (("train.jsonl", train), ("eval.jsonl", held_out), ("text.jsonl", texts), ("choice.jsonl", choices))
+        for name, part in parts:
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in part)
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:

@@ -23,7 +23,7 @@ from pathlib import Path
 # a model loaded through its checkpoint's code saves the same way).
 MODULES = ("modeling", "routing", "attention", "exploration", "cache", "state", "losses", "config", "validation",
            "distributed", "errors", "families", "schedules", "ops", "checkpoints", "remote_code", "sharing",
-           "static_cache")
+           "static_cache", "gguf")
 TWINS_FILE = "dlo_kernels_reference.py"  # the kernels' torch twins (triton_kernels/reference.py) in a checkpoint
 ENTRY = "modeling_dlo"
 CONFIGURATION = "configuration_dlo"

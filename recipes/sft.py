@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -324,8 +325,7 @@ def launch_line(trainer) -> str:
             f"on {accelerator.device.type}")
 
 
-@dataclasses.dataclass
-class TrainedRun:
+class TrainedRun(NamedTuple):
     model: torch.nn.Module  # the final model, as saved in final/ (thresholds calibrated, adapters merged)
     tokenizer: object
     evaluation: list[dict] | None  # the held-out examples, tokenised as training tokenises them

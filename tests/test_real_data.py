@@ -41,8 +41,13 @@ def test_build_splits_by_seed_without_overlap_and_is_idempotent(tmp_path):
     manifest = real_data.build(out, seed=3)
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     held_out = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert manifest["counts"] == {"train": len(train), "eval": len(held_out),
+    choices = [json.loads(line) for line in (out / "choice.jsonl").read_text().splitlines()]
+    assert manifest["counts"] == {"train": len(train), "eval": len(held_out), "choice": len(held_out),
                                   "text": len((out / "text.jsonl").read_text().splitlines())}
+    for doc, conversation in zip(choices, held_out):  # the right answer is the conversation's own, once
+        assert doc["question"] == conversation["messages"][0]["content"]
+        assert doc["choices"][doc["label"]] == conversation["messages"][1]["content"]
+        assert len(set(doc["choices"])) == real_data.CHOICES
     assert len(held_out) == round(0.1 * (len(train) + len(held_out)))
     as_key = lambda r: json.dumps(r["messages"])
     assert not {as_key(r) for r in train} & {as_key(r) for r in held_out}

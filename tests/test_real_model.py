@@ -203,3 +203,94 @@ def test_exported_static_model_loads_in_plain_transformers(base, tmp_path, promp
     ids, mask = prompts
     with torch.no_grad():  # the six zero-init copies dropped: the base model again, exactly
         assert torch.equal(reloaded(ids, attention_mask=mask).logits, base(ids, attention_mask=mask).logits)
+
+
+# -- lm-eval on local tasks of real data (recipes/lm_eval/real) --------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_TASKS = ROOT / "recipes" / "lm_eval" / "real"
+LM_EVAL_LIMIT = 4  # documents per task: 16 multiple-choice log-likelihoods and 4 rolling passages
+
+
+@pytest.fixture(scope="module")
+def routed_and_exported(base, tokenizer, tmp_path_factory):
+    """SmolLM2 expanded 30 -> 36 with copies (so the new layers change the logits), random routers on the copies
+    calibrated to run half the tokens, saved; and its export to 33 layers by measured usage."""
+    from dlo import real_data
+
+    real_data.build(ROOT / "runs" / "data" / "real")  # the tasks' data, as make real-model writes it
+    out = tmp_path_factory.mktemp("real_lm_eval")
+    model = dlo.expand_model(copy.deepcopy(base), dlo.ExpansionPlan.llama_pro(num_layers=30, groups=6, init="copy"))
+    model = dlo.attach_routers(model, dlo.RoutingConfig(layers="new", capacity=0.5))
+    generator = torch.Generator().manual_seed(0)
+    for layer in dlo.routed_layers(model):
+        layer.router.weight.data.normal_(std=0.1, generator=generator)
+    texts = [r["text"] for r in real_data.text_records()[:8]]
+    dlo.calibrate(model, [dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128))],
+                  progress=False)
+    model.eval().save_pretrained(out / "routed")
+    tokenizer.save_pretrained(out / "routed")
+    exported = dlo.export_static(model, num_layers=33)
+    exported.save_pretrained(out / "exported")
+    tokenizer.save_pretrained(out / "exported")
+    return out
+
+
+def lm_eval_scores(pretrained, **model_args):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=str(pretrained), batch_size=4, device="cpu", **model_args)
+    tasks = TaskManager(include_path=str(REAL_TASKS), include_defaults=False)
+    results = lm_eval.simple_evaluate(model=lm, tasks=["dlo_real"], limit=LM_EVAL_LIMIT, bootstrap_iters=0,
+                                      task_manager=tasks, verbosity="ERROR")
+    return lm, results
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_on_the_routed_and_the_exported_model(routed_and_exported, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the task files name their data relative to the repository root
+    lm, routed = lm_eval_scores(routed_and_exported / "routed", trust_remote_code=True)
+    assert [layer.layer_index for layer in dlo.routed_layers(lm.model)] == PLAN.new_indices
+    choice = routed["results"]["dlo_real_answer_choice"]
+    assert 0.0 <= choice["acc,none"] <= 1.0
+    text = routed["results"]["dlo_real_reference_text"]
+    assert 1.0 < text["byte_perplexity,none"] < 10.0  # real English for a real model: ~1.5-3 per byte
+
+    # A multiple-choice document scored by lm-eval equals the model's own log-likelihoods of its choices.
+    doc = json.loads((ROOT / "runs/data/real/choice.jsonl").read_text().splitlines()[0])
+    scored = [float(resp[0][0]) for resp in routed["samples"]["dlo_real_answer_choice"][0]["resps"]]
+    prompt = f"Question: {doc['question']}\nAnswer:"
+    context = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    direct = []
+    with torch.no_grad():
+        for choice_text in doc["choices"]:
+            whole = lm.tokenizer(prompt + " " + choice_text, add_special_tokens=False)["input_ids"]
+            logprobs = torch.log_softmax(lm.model(torch.tensor([whole]), use_cache=False).logits[0], dim=-1)
+            targets = torch.tensor(whole[len(context):])
+            direct.append(float(logprobs[len(context) - 1:-1].gather(1, targets[:, None]).sum()))
+    torch.testing.assert_close(torch.tensor(scored), torch.tensor(direct), atol=1e-3, rtol=0)
+
+    plain, exported = lm_eval_scores(routed_and_exported / "exported")
+    assert type(plain.model) is LlamaForCausalLM and plain.model.config.num_hidden_layers == 33
+    assert exported["results"]["dlo_real_reference_text"]["byte_perplexity,none"] < 10.0
+
+
+def test_static_export_reloads_with_the_eval_loss_of_the_model_it_was_cut_from(routed_and_exported, tokenizer):
+    from dlo.batching import batches
+    from dlo.data import build_sft_dataset
+    from dlo.evaluation import evaluate
+    from dlo.export import layer_usage, select_layers
+
+    held_out, _ = build_sft_dataset(tokenizer, str(ROOT / "runs/data/real/eval.jsonl"), 256, 24)
+    answers = batches(held_out, 8, tokenizer.pad_token_id)
+    routed = dlo.load_model(str(routed_and_exported / "routed")).eval()
+    kept = select_layers(36, layer_usage(routed), num_layers=33)
+    dropped = sorted(set(range(36)) - set(kept))
+    reloaded = AutoModelForCausalLM.from_pretrained(routed_and_exported / "exported")
+    in_memory = dlo.export_static(routed, num_layers=33)
+    loss = evaluate(reloaded, answers, progress=False).loss
+    assert loss == pytest.approx(evaluate(in_memory, answers, progress=False).loss, abs=1e-5)
+    assert len(dropped) == 3 and set(dropped) <= set(PLAN.new_indices)  # three of the routed copies dropped
+    print(f"static export 36 -> 33 layers: eval loss {loss:.4f} on {len(held_out)} held-out conversations")
