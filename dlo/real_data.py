@@ -102,7 +102,8 @@ def build(output: str | os.PathLike, seed: int = 0, eval_fraction: float = 0.1) 
     """Write the data set into ``output`` (atomically); returns its manifest. Nothing is rewritten when
     ``output`` already holds the same sources and settings."""
     records = chat_records()
-    manifest = {"format": 2, "chat": {"package": CHAT_PACKAGE, "version": _version(CHAT_PACKAGE), "licence": "BSD-3-Clause"},
+    manifest = {"format": 2,
+                "chat": {"package": CHAT_PACKAGE, "version": _version(CHAT_PACKAGE), "licence": "BSD-3-Clause"},
                 "text": {"source": "pydoc_data.topics (the Python Language Reference)",
                          "python": sys.version.split()[0], "licence": "PSF-2.0"},
                 "seed": seed, "eval_fraction": eval_fraction}
