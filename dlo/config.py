@@ -113,6 +113,13 @@ class RoutingConfig:
         default=0.05,
         metadata={"help": "Floor of a re-allocated per-layer capacity (cos-global).", "check": CAPACITY},
     )
+    reallocation_sharpness: float = field(
+        default=1.0,
+        metadata={"help": "cos-global: each layer's proposed capacity is proportional to its share of 'run' labels "
+                  "raised to this power (1: proportional, the DLO paper's re-allocation; > 1 moves capacity "
+                  "towards the layers that change tokens most, so a budget can concentrate in few layers and "
+                  "reach 1.0 / min_layer_capacity).", "check": Number(low=1.0, high=64.0)},
+    )
 
     def __post_init__(self):
         check_fields(self)

@@ -175,7 +175,12 @@ class RoutingState(nn.Module):
         target_mean = sum(targets) / len(targets)
         effective = self.effective_capacities(int(self.step))
         effective_mean = sum(effective) / len(effective)
-        proposed = (shares * (target_mean / effective_mean)).clamp(config.min_layer_capacity, 1.0)
+        # Sharpened shares keep their total: with sharpness 1 this is the share itself, above 1 the layers with more
+        # "run" labels take budget from the others, which lets a split budget settle in one layer.
+        relative = shares.clamp(min=0) / shares.max().clamp(min=torch.finfo(shares.dtype).tiny)  # (L,), max 1
+        sharpened = relative.pow(config.reallocation_sharpness)
+        sharpened = sharpened * (shares.sum() / sharpened.sum())
+        proposed = (sharpened * (target_mean / effective_mean)).clamp(config.min_layer_capacity, 1.0)
         current = torch.stack([layer.capacity.double() for layer in self._layers]).to(proposed.device)
         updated = config.capacity_momentum * current + (1 - config.capacity_momentum) * proposed
         updated = (updated * (target_mean / updated.mean())).clamp(config.min_layer_capacity, 1.0)

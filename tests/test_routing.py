@@ -255,6 +255,21 @@ def test_cos_global_reallocates_capacity_by_similarity(base):
     assert shares[0] > shares[1]
 
 
+@pytest.mark.parametrize("sharpness, want", [(1.0, [0.55, 0.45]),  # the paper's: capacity follows the label share
+                                              # 0.55^4 / (0.55^4 + 0.45^4) = 0.6906 of the two layers' budget 1.0
+                                              (4.0, [0.6906, 0.3094]),
+                                              # 1.0 and the floor 0.05, rescaled to the mean 0.5: 1.0 / 1.05,
+                                              # the floor kept
+                                              (64.0, [0.9524, 0.05])])
+def test_sharpened_reallocation_concentrates_the_budget(base, sharpness, want):
+    model = dlo.attach_routers(copy.deepcopy(base), dlo.RoutingConfig(
+        layers=[1, 2], capacity=0.5, label="cos-global", capacity_momentum=0.0, anneal_steps=0,
+        reallocation_sharpness=sharpness))
+    dlo.routing_state(model)._reallocate(torch.tensor([0.55, 0.45], dtype=torch.float64))
+    caps = [layer.target_capacity for layer in dlo.routed_layers(model)]
+    assert caps == pytest.approx(want, abs=1e-3)
+
+
 def test_capacity_annealing_schedule():
     from dlo.schedules import anneal_fraction
 
