@@ -61,13 +61,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
-# Routed vs dense on this machine (tables on stdout, JSON in runs/bench); about 30 minutes on 2 CPU cores.
+# Routed vs dense on this machine (tables on stdout, JSON in runs/bench); about 45 minutes on 2 CPU cores.
+# real_model.py reads the checkpoint `make real-model` writes.
 bench: setup
 	mkdir -p runs/bench
 	$(BIN)/python benchmarks/layer.py --profile 0.5 0.25 --out runs/bench/layer.json
 	$(BIN)/python benchmarks/model.py --out runs/bench/model.json
 	$(BIN)/python benchmarks/similarity.py --settings 512:512:4 --out runs/bench/similarity.json
 	$(BIN)/python benchmarks/decode.py --out runs/bench/decode.json
+	$(BIN)/python benchmarks/real_model.py --threads 1 --profile --out runs/bench/real_model.json
 
 lint: setup
 	$(BIN)/ruff check .

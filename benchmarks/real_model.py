@@ -22,9 +22,11 @@ Inference at --infer-capacity, thresholds calibrated (dlo.calibrate on --calib-b
 no grad: "prefill" a forward of batch x --prefill-seq tokens with use_cache=True (limits as above); "decode" ms per
 new token of greedy generate() with the KV cache (benchmarks/decode.py's timing: (t(N+1 tokens) - t(1 token)) / N
 over --new-tokens after a --prompt prompt), no limit. "run share": tokens that ran a routed layer over all its
-tokens. The candidates take turns in every round; figures are medians over --repeats rounds after --warmup, ratios
-the median of per-round ratios to dense (spread min-max). Prints a table with the machine and the load average, and
-writes --out (JSON).
+tokens; "K/T" (prefill) the packed width over T: thresholds give each row its own count and a packed batch is
+as wide as its fullest row. --profile: self CPU ms per op of one training step of routed-all and limit-all, the
+median of --repeats profiled steps taken in turns. The candidates take turns in every round; figures are medians
+over --repeats rounds after --warmup, ratios the median of per-round ratios to dense (spread min-max). Prints a
+table with the machine and the load average, and writes --out (JSON).
 """
 
 import argparse
@@ -113,16 +115,18 @@ def per_round_gap(routed: list, limit: list, dense: list) -> float:
     return statistics.median((r - lim) / d for r, lim, d in zip(routed, limit, dense))
 
 
-def op_times(go, steps: int = 1) -> dict:
-    """Self CPU ms per op of ``steps`` calls of go(), after one untimed call."""
-    go()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            go()
-    ops = defaultdict(float)
-    for e in prof.key_averages():
-        ops[e.key] += e.self_cpu_time_total / 1e3 / steps
-    return dict(ops)
+def op_times(fns: dict, rounds: int) -> dict:
+    """{name: {op: self CPU ms}} of one call of each fn: the median over ``rounds`` profiled calls, taken in
+    turns as the timing is (a profile is wall time per op, so load spikes hit single calls)."""
+    per = {name: defaultdict(list) for name in fns}
+    for _ in range(rounds):
+        for name, go in fns.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                go()
+            for e in prof.key_averages():
+                per[name][e.key].append(e.self_cpu_time_total / 1e3)
+    return {name: {op: statistics.median(v + [0.0] * (rounds - len(v))) for op, v in ops.items()}
+            for name, ops in per.items()}
 
 
 def measure_training(args, dense, routed, device) -> tuple[list, dict]:
@@ -145,14 +149,18 @@ def measure_training(args, dense, routed, device) -> tuple[list, dict]:
                 row["gap"] = per_round_gap(samples[name], samples[LIMIT[name]], samples["dense"])
             rows.append(row)
         if args.profile:
-            profiles[str(c)] = {name: op_times(fns[name]) for name in ("routed-all", "limit-all")}
+            profiles[str(c)] = op_times({name: fns[name] for name in ("routed-all", "limit-all")}, args.repeats)
         print(f"training c={c}: done", flush=True)
     return rows, profiles
 
 
-def prefill_run_share(model, ids) -> float:
+def prefill_shares(model, ids) -> tuple[float, float]:
+    """(share of tokens that ran, packed width K / T), means over the routed layers. Thresholds give each row
+    its own count, and a packed batch is as wide as its fullest row: K / T is what the layers computed."""
     records = model(input_ids=ids, use_cache=True, output_router_logits=True).routing
-    return statistics.mean(float(r.selected[r.valid].float().mean()) for r in records)
+    run = statistics.mean(float(r.selected[r.valid].float().mean()) for r in records)
+    width = statistics.mean(float(r.selected.sum(1).max()) / r.selected.shape[1] for r in records)
+    return run, width
 
 
 def measure_inference(args, dense, routed, device) -> tuple[list, list]:
@@ -183,7 +191,7 @@ def measure_inference(args, dense, routed, device) -> tuple[list, list]:
                 row = dict(batch=b, candidate=name, **common.summarize(samples[name], samples["dense"]))
                 if name in ROUTED:
                     row["gap"] = per_round_gap(samples[name], samples[LIMIT[name]], samples["dense"])
-                    row["run_share"] = prefill_run_share(routed[name], ids)
+                    row["run_share"], row["packed_share"] = prefill_shares(routed[name], ids)
                 prefill.append(row)
 
             prompt = torch.randint(3, vocab, (b, args.prompt), device=device)
@@ -213,9 +221,9 @@ def print_report(result):
         gap = f"{r['gap']:>6.3f}" if "gap" in r else ""
         print(f"{r['capacity']:>5} {r['candidate']:>11} {r['ms']:>9.0f} {common.fmt_ratio(r):>17} {gap}")
     print(f"prefill, {cfg['prefill_seq']} tokens per row, c={cfg['infer_capacity']} calibrated")
-    print(f"{'batch':>5} {'candidate':>11} {'ms':>9} {'ratio':>17} {'gap':>6} {'run share':>9}")
+    print(f"{'batch':>5} {'candidate':>11} {'ms':>9} {'ratio':>17} {'gap':>6} {'run share':>9} {'K/T':>5}")
     for r in result["prefill"]:
-        extra = f"{r['gap']:>6.3f} {r['run_share']:>9.2f}" if "gap" in r else ""
+        extra = f"{r['gap']:>6.3f} {r['run_share']:>9.2f} {r['packed_share']:>5.2f}" if "gap" in r else ""
         print(f"{r['batch']:>5} {r['candidate']:>11} {r['ms']:>9.1f} {common.fmt_ratio(r):>17} {extra}")
     print(f"decode, ms per new token, prompt {cfg['prompt']}, {cfg['new_tokens']} new tokens")
     print(f"{'batch':>5} {'candidate':>11} {'ms':>9} {'ratio':>17} {'run share':>9} {'idle steps':>10}")
@@ -224,13 +232,14 @@ def print_report(result):
         print(f"{r['batch']:>5} {r['candidate']:>11} {r['ms']:>9.2f} {common.fmt_ratio(r):>17}        {extra}")
     for c, per in result["profile"].items():
         routed, limit = per["routed-all"], per["limit-all"]
-        print(f"\nprofile, training step at c={c}: self CPU ms per op, the 15 largest routed-all - limit-all")
-        print(f"{'op':<44} {'routed-all':>10} {'limit-all':>10} {'diff':>8}")
+        total = sum(routed.values())
+        print(f"\nprofile, training step at c={c}: self CPU ms per op (median of {cfg['repeats']}), the 15 largest "
+              f"routed-all - limit-all, and that difference's share of routed-all's total")
+        print(f"{'op':<44} {'routed-all':>10} {'limit-all':>10} {'diff':>8} {'share':>6}")
         for op in sorted(set(routed) | set(limit), key=lambda k: -(routed.get(k, 0.0) - limit.get(k, 0.0)))[:15]:
             r, lim = routed.get(op, 0.0), limit.get(op, 0.0)
-            print(f"{op[:44]:<44} {r:>10.1f} {lim:>10.1f} {r - lim:>8.1f}")
-        print(f"{'total':<44} {sum(routed.values()):>10.1f} {sum(limit.values()):>10.1f} "
-              f"{sum(routed.values()) - sum(limit.values()):>8.1f}")
+            print(f"{op[:44]:<44} {r:>10.1f} {lim:>10.1f} {r - lim:>8.1f} {(r - lim) / total:>6.1%}")
+        print(f"{'total':<44} {total:>10.1f} {sum(limit.values()):>10.1f} {total - sum(limit.values()):>8.1f}")
 
 
 def main(argv=None):
