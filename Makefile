@@ -62,8 +62,8 @@ test: setup
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 # Routed vs dense on this machine (tables on stdout, JSON in runs/bench); about 45 minutes on 2 CPU cores.
-# real_model.py reads the checkpoint `make real-model` writes.
-bench: setup
+# real_model.py reads the checkpoint `make real-model` writes (bench makes it first).
+bench: real-model
 	mkdir -p runs/bench
 	$(BIN)/python benchmarks/layer.py --profile 0.5 0.25 --out runs/bench/layer.json
 	$(BIN)/python benchmarks/model.py --out runs/bench/model.json
