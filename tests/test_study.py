@@ -351,7 +351,10 @@ def test_the_full_config_names_every_arm_of_the_study():
     assert len(cfg.seeds) >= 3 and cfg.static.dense == "dense" and cfg.static.base == "base"
     kinds = {arm.name: arm.kind for arm in cfg.arms}
     assert {name for name, kind in kinds.items() if kind == "dlo"} == {
-        f"dlo-c{c}-{label}" for c in ("075", "050", "025") for label in ("cos", "self", "cosd")} | {"shared-dlo-c050"}
+        f"dlo-c{c}-{label}" for c in ("075", "050", "025") for label in ("cos", "self", "cosd")} | {
+        "shared-dlo-c050", "dlo-c050-s8", "dlo-c050-s8f"}
+    sharpened = cfg.arm("dlo-c050-s8").recipe["routing"]  # the fix of docs/STUDY.md: dlo-c050-cos, sharpened
+    assert {**cfg.arm("dlo-c050-cos").recipe["routing"], "reallocation_sharpness": 8} == sharpened
     for c in ("075", "050", "025"):  # the dense-similarity reference of each packed-estimator arm
         packed, reference = (cfg.arm(f"dlo-c{c}-{label}").recipe["routing"] for label in ("cos", "cosd"))
         assert packed.get("similarity_source", "packed") == "packed" and reference["similarity_source"] == "dense"
