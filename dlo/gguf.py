@@ -97,8 +97,8 @@ def check_gguf_file(path: str) -> str:
         known = ", ".join(name for name in GGUF_SUPPORTED_ARCHITECTURES if name not in ("general", "tokenizer"))
         raise UserError(f"GGUF file {path}: architecture {architecture!r} cannot be dequantised by transformers "
                         f"(it reads: {known})")
-    unreadable = sorted({tensor.tensor_type.name for tensor in reader.tensors
-                         if not _dequantisable(gguf, tensor)})
+    one_per_type = {tensor.tensor_type.name: tensor for tensor in reader.tensors}
+    unreadable = sorted(name for name, tensor in one_per_type.items() if not _dequantisable(gguf, tensor))
     if unreadable:
         raise UserError(f"GGUF file {path}: quantisation type {', '.join(unreadable)} cannot be dequantised by the "
                         f"gguf package {version('gguf')} (choose a file quantised as Q4_0, Q4_1, Q8_0, Q4_K..Q6_K, "
@@ -118,15 +118,14 @@ def _dequantisable(gguf, tensor) -> bool:
 
 
 def _convert(path: str, architecture: str, output: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = os.path.split(path)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    config_dict = config.to_dict()
+    config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
-    config = type(config).from_dict(config_dict)
+    config = type(loaded.config).from_dict(config_dict)
     # A plain model of the same class: the loaded one keeps the GGUF quantisation config, which save refuses.
     model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
