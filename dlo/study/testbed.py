@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from dlo.study.jsonfiles import read_json
 from dlo.tiny import depth_tasks
+from dlo.tiny.mixed_depth import MixedDepthSpec
 
 if TYPE_CHECKING:
     from dlo.study.config import StudyConfig
@@ -17,24 +18,36 @@ if TYPE_CHECKING:
 TESTBED_PLACEHOLDER = "{testbed}"
 
 
+TASK_KINDS = ("walk", "mixed")
+
+
 @dataclass
 class TestbedSection:
+    kind: str = "walk"  # walk: dlo/tiny/depth_tasks.py; mixed: dlo/tiny/mixed_depth.py (1 or 2 hops by letter)
     seed: int = 0
     nodes: int = depth_tasks.TaskSpec.nodes
-    walk: int = depth_tasks.TaskSpec.walk
+    walk: int = depth_tasks.TaskSpec.walk  # steps per answer
     alphabet: int = depth_tasks.TaskSpec.alphabet
     train_records: int = 40000
     eval_records: int = 512
     pretrain_steps: int = depth_tasks.BaseSpec.pretrain_steps
 
     def __post_init__(self):
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"testbed.kind={self.kind!r}: expected one of {list(TASK_KINDS)}")
         for name in ("train_records", "eval_records", "pretrain_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"testbed.{name}={getattr(self, name)}: must be >= 1")
 
+    def task(self):
+        """The task spec of ``kind`` (validated by it)."""
+        if self.kind == "walk":
+            return depth_tasks.TaskSpec(nodes=self.nodes, walk=self.walk, alphabet=self.alphabet)
+        return MixedDepthSpec(nodes=self.nodes, walk=self.walk, alphabet=self.alphabet)
+
     def build_settings(self) -> tuple[dict, dict]:
         """The builder's keyword arguments and the settings its build_info records for them."""
-        task = depth_tasks.TaskSpec(nodes=self.nodes, walk=self.walk, alphabet=self.alphabet)
+        task = self.task()
         base = depth_tasks.BaseSpec(pretrain_steps=self.pretrain_steps)
         kwargs = {"seed": self.seed, "task": task, "base": base, "train_records": self.train_records,
                   "eval_records": self.eval_records}

@@ -54,15 +54,57 @@ EVAL_STREAM = 1_000_003
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """The walk task. A task spec makes the records (``make_record``) and names its vocabulary and token classes;
+    dlo/tiny/mixed_depth.py is the other one."""
+
     nodes: int = 10  # letters in each record's cycle
     walk: int = 9  # lookups per answer; < nodes, so the walk never returns to its start
     alphabet: int = 24  # the cycle's letters are drawn from the first `alphabet` letters
 
+    kind = "walk"
+    token_classes = TOKEN_CLASSES
+    words = (PATH, SEPARATOR, QUERY)  # the task's words besides the letters
+
     def __post_init__(self):
-        if not 2 <= self.nodes <= self.alphabet <= len(LETTERS):
-            raise ValueError(f"nodes={self.nodes}, alphabet={self.alphabet}: need 2 <= nodes <= alphabet <= 26")
+        check_letters(self.nodes, self.alphabet)
         if not 1 <= self.walk < self.nodes:
             raise ValueError(f"walk={self.walk}: must be in [1, nodes={self.nodes})")
+
+    def make_record(self, rng: random.Random) -> dict:
+        """One chat record: messages, the exact answer, and the class of every assistant token."""
+        pairs, successor = shuffled_cycle(rng, self.nodes, self.alphabet)
+        start = rng.choice(list(successor))
+        walk, letter = [], start
+        for _ in range(self.walk):
+            letter = successor[letter]
+            walk.append(letter)
+        user = pairs_text(pairs) + f" {QUERY} {start}"
+        answer = " ".join([PATH, start, *walk])
+        return chat_record("walk", user, answer, ["format", "copy", *["lookup"] * self.walk, "format"])
+
+
+def check_letters(nodes: int, alphabet: int):
+    if not 2 <= nodes <= alphabet <= len(LETTERS):
+        raise ValueError(f"nodes={nodes}, alphabet={alphabet}: need 2 <= nodes <= alphabet <= 26")
+
+
+def shuffled_cycle(rng: random.Random, nodes: int, alphabet: int) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """A random cycle over ``nodes`` of the first ``alphabet`` letters: its (key, successor) pairs in shuffled
+    order, and the successor map."""
+    cycle = rng.sample(LETTERS[:alphabet], nodes)
+    successor = {a: cycle[(i + 1) % nodes] for i, a in enumerate(cycle)}
+    pairs = list(successor.items())
+    rng.shuffle(pairs)
+    return pairs, successor
+
+
+def pairs_text(pairs: list[tuple[str, str]]) -> str:
+    return " ".join(f"{key} {value} {SEPARATOR}" for key, value in pairs)
+
+
+def chat_record(task: str, user: str, answer: str, token_classes: list[str]) -> dict:
+    return {"task": task, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+            "answer": answer, "token_classes": token_classes}
 
 
 @dataclass(frozen=True)
@@ -77,35 +119,14 @@ class BaseSpec:
     warmup_steps: int = 30
 
 
-def make_record(rng: random.Random, spec: TaskSpec) -> dict:
-    """One chat record: messages, the exact answer, and the class of every assistant token."""
-    cycle = rng.sample(LETTERS[:spec.alphabet], spec.nodes)
-    successor = {a: cycle[(i + 1) % spec.nodes] for i, a in enumerate(cycle)}
-    pairs = list(successor.items())
-    rng.shuffle(pairs)
-    start = rng.choice(cycle)
-    walk, letter = [], start
-    for _ in range(spec.walk):
-        letter = successor[letter]
-        walk.append(letter)
-    user = " ".join(f"{key} {value} {SEPARATOR}" for key, value in pairs) + f" {QUERY} {start}"
-    answer = " ".join([PATH, start, *walk])
-    return {
-        "task": "walk",
-        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-        "answer": answer,
-        "token_classes": ["format", "copy", *["lookup"] * spec.walk, "format"],
-    }
-
-
-def generate(spec: TaskSpec, count: int, seed: int) -> list[dict]:
+def generate(spec, count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [make_record(rng, spec) for _ in range(count)]
+    return [spec.make_record(rng) for _ in range(count)]
 
 
-def build_tokenizer(spec: TaskSpec) -> PreTrainedTokenizerFast:
+def build_tokenizer(spec) -> PreTrainedTokenizerFast:
     """Word-level tokenizer (one token per letter or symbol) with the tiny default's chat template."""
-    words = [*SPECIAL_TOKENS, UNK, PATH, SEPARATOR, QUERY, *LETTERS[:spec.alphabet]]
+    words = [*SPECIAL_TOKENS, UNK, *spec.words, *LETTERS[:spec.alphabet]]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -124,13 +145,13 @@ def base_model(tokenizer, spec: BaseSpec, seed: int) -> LlamaForCausalLM:
 
 
 @torch.no_grad()
-def class_losses(model, tokenizer, path: str, batch_size: int = 64) -> dict[str, float]:
+def class_losses(model, tokenizer, path: str, classes: tuple[str, ...], batch_size: int = 64) -> dict[str, float]:
     """Mean next-token loss of each token class on the records of ``path`` (answer tokens only)."""
     examples, _ = build_sft_dataset(tokenizer, path, max_length=tokenizer.model_max_length)
     records = [json.loads(line) for line in Path(path).read_text().splitlines()]
     collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
-    total = dict.fromkeys(TOKEN_CLASSES, 0.0)
-    count = dict.fromkeys(TOKEN_CLASSES, 0)
+    total = dict.fromkeys(classes, 0.0)
+    count = dict.fromkeys(classes, 0)
     model.eval()
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size])
@@ -142,7 +163,7 @@ def class_losses(model, tokenizer, path: str, batch_size: int = 64) -> dict[str,
             for position, name in zip(positions, record["token_classes"], strict=True):
                 total[name] += float(nll[row, position])
                 count[name] += 1
-    return {name: total[name] / count[name] for name in TOKEN_CLASSES}
+    return {name: total[name] / count[name] for name in classes}
 
 
 def pretrain_base(model, tokenizer, spec: BaseSpec, train_file: str, seed: int) -> dict:
@@ -171,7 +192,7 @@ def pretrain_base(model, tokenizer, spec: BaseSpec, train_file: str, seed: int) 
     return {"loss": losses, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def build(out: str | Path, seed: int = 0, task: TaskSpec = TaskSpec(), base: BaseSpec = BaseSpec(),
+def build(out: str | Path, seed: int = 0, task=TaskSpec(), base: BaseSpec = BaseSpec(),
           train_records: int = 16000, eval_records: int = 512) -> dict:
     """Write the testbed to ``out`` (see the module docstring) and return its build_info."""
     out = Path(out)
@@ -186,15 +207,15 @@ def build(out: str | Path, seed: int = 0, task: TaskSpec = TaskSpec(), base: Bas
     tokenizer.save_pretrained(out / "base")
     info = {"settings": settings(seed, task, base, train_records, eval_records),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "base_eval_class_loss": class_losses(model, tokenizer, str(eval_file)),
+            "base_eval_class_loss": class_losses(model, tokenizer, str(eval_file), task.token_classes),
             "chance_lookup_loss": math.log(task.nodes), "pretrain": log}
     (out / "build_info.json").write_text(json.dumps(info, indent=1))
     return info
 
 
-def settings(seed: int, task: TaskSpec, base: BaseSpec, train_records: int, eval_records: int) -> dict:
+def settings(seed: int, task, base: BaseSpec, train_records: int, eval_records: int) -> dict:
     """Everything the built files depend on (a rebuild is needed when any of it changes)."""
-    return {"seed": seed, "task": dataclasses.asdict(task), "base": dataclasses.asdict(base),
+    return {"seed": seed, "task": {"kind": task.kind, **dataclasses.asdict(task)}, "base": dataclasses.asdict(base),
             "train_records": train_records, "eval_records": eval_records}
 
 
