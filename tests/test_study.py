@@ -321,6 +321,15 @@ def test_bad_config_is_refused_with_a_clear_error():
         study.load_study_config(str(CONFIG), ["compare=[[dense, nothing]]"])
 
 
+def test_arms_may_differ_in_which_layers_train():
+    study = load_study_module()
+    cfg = study.load_study_config(str(CONFIG), ["arms.frozen=[routing=null, model.trainable_layers=new]"])
+    assert cfg.arm("frozen").recipe["model"]["trainable_layers"] == "new"
+    assert cfg.arm("dense").recipe["model"].get("trainable_layers", "all") == "all"
+    with pytest.raises(ValueError, match=r"arm 'half': override 'model.dtype' is not allowed"):
+        study.load_study_config(str(CONFIG), ["arms.half=[model.dtype=bfloat16]"])
+
+
 def test_intervals_over_seeds():
     study = load_study_module()
     result = study.interval([1.0, 2.0, 3.0])

@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     from dlo.study.config import StudyConfig
 
 
-# Arms may differ only in depth, routing and adapters (and, through train_flops_of or train: false, in steps):
-# data, seed and optimiser stay shared.
-ARM_OVERRIDABLE = ("model.expansion", "routing", "lora")
+# Arms may differ only in depth, routing, adapters and which layers train (all, or LLaMA-Pro's new layers only),
+# and through train_flops_of or train: false in steps: data, seed and optimiser stay shared.
+ARM_OVERRIDABLE = ("model.expansion", "model.trainable_layers", "routing", "lora")
 ARM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 

@@ -11,9 +11,11 @@ highest cos(input, output) on training text are dropped) and dlo's export of eve
 router usage, at the depths in ``static.num_layers``.
 
 Every model is measured on the same eval records: loss, teacher-forced accuracy and loss of each token-class
-group (``eval.groups``), greedy exact match, analytic forward FLOPs per token at the realised capacities,
-and, for routed layers, the share of each group's positions that ran them. The models of the first
-``timing.seeds`` seeds are timed in interleaved rounds: prefill, training step, decode. Each figure is
+group (``eval.groups``; none: one group of every answer token), greedy exact match (unless
+``eval.accuracy_samples`` is 0), analytic forward FLOPs per token at the realised capacities, and, for routed
+layers, the share of each group's positions that ran them; optionally the loss of held-out plain text
+(``eval.text_file``) and lm-eval tasks (``eval.lm_eval_tasks``). The models of the first ``timing.seeds`` seeds
+(0: none) are timed in interleaved rounds: prefill, training step, decode. Each figure is
 aggregated over seeds (mean and 95% t-interval); the gain share ((base - model) / (base - dense) in eval
 loss, per seed) and the added-compute share ((model - base) / (dense - base) in FLOPs) give the headline.
 Outputs: ``study.md``, ``study.json``, plots ``study_*.png``, tensorboard (``<study_dir>/tb``) and the training
@@ -112,8 +114,9 @@ def main(argv=None):
                 write_json(path, cache)
     rows = with_references(rows, cfg)
     add_shares(rows, cfg)
-    bad = [(r["name"], r["seed"], k) for r in rows for k in ("eval_loss", "exact_match", "flops_per_token")
-           if not math.isfinite(r[k])]
+    # exact_match and text_loss are None where not measured (eval.accuracy_samples 0, no eval.text_file).
+    bad = [(r["name"], r["seed"], k) for r in rows for k in ("eval_loss", "exact_match", "text_loss", "flops_per_token")
+           if r[k] is not None and not math.isfinite(r[k])]
     if bad:
         raise RuntimeError(f"non-finite measurements: {bad}")
     tables = write_outputs(cfg, rows, data, args.config)

@@ -17,6 +17,7 @@ STUDY_KEYS = ("study_dir", "seeds", "workers", "testbed", "arms", "static", "eva
 
 
 PROMPT = "prompt"  # the group of positions that predict no answer token
+ANSWER = "answer"  # the one group of every answer token when eval.groups is empty
 
 
 @dataclass
@@ -37,18 +38,40 @@ class StaticSection:
 class EvalSection:
     max_samples: int = 512  # eval-loss sequences: the first N records of data.eval_file
     batch_size: int = 64
-    accuracy_samples: int = 128  # exact-match prompts: the first N records of data.eval_file
-    # Token-class groups reported apart; a record's `token_classes` names the class of each answer token.
+    accuracy_samples: int = 128  # exact-match prompts: the first N records of data.eval_file (0: not measured)
+    # Token-class groups reported apart; a record's `token_classes` names the class of each answer token. Empty:
+    # every answer token is in the one group ANSWER, and records need no `token_classes` (real data).
     groups: dict[str, list[str]] = field(default_factory=lambda: {"easy": ["format", "copy"], "hard": ["lookup"]})
+    text_file: str | None = None  # held-out plain text ({"text"} records): every model's text_loss (null: none)
+    max_text_samples: int | None = None  # the first N records of text_file (null: all)
+    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-eval task names scored for every model
+    lm_eval_include: str | None = None  # a directory of lm-eval task definitions (null: lm-eval's own tasks)
+    lm_eval_limit: int | None = None  # documents per lm-eval task (null: all)
 
     def __post_init__(self):
-        for name in ("max_samples", "batch_size", "accuracy_samples"):
+        for name in ("max_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name}={getattr(self, name)}: must be >= 1")
-        if not isinstance(self.groups, dict) or PROMPT in self.groups or not all(
+        if self.accuracy_samples < 0:
+            raise ValueError(f"eval.accuracy_samples={self.accuracy_samples}: must be >= 0 (0: no exact match)")
+        for name in ("max_text_samples", "lm_eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"eval.{name}={getattr(self, name)}: must be >= 1 or null (all)")
+        if not isinstance(self.groups, dict) or {PROMPT, ANSWER} & set(self.groups) or not all(
                 isinstance(v, list) and v for v in self.groups.values()):
             raise ValueError(f"eval.groups={self.groups!r}: expected a mapping of group name to a non-empty list of "
-                             f"token classes (the name {PROMPT!r} is taken: positions that predict no answer token)")
+                             f"token classes, or {{}} for one group of every answer token (the names {PROMPT!r} "
+                             f"and {ANSWER!r} are taken)")
+        for name in ("text_file", "lm_eval_include"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"eval.{name}={getattr(self, name)!r}: expected a path or null")
+        if not isinstance(self.lm_eval_tasks, list) or not all(isinstance(t, str) and t for t in self.lm_eval_tasks):
+            raise ValueError(f"eval.lm_eval_tasks={self.lm_eval_tasks!r}: expected a list of lm-eval task names")
+
+    @property
+    def group_names(self) -> list[str]:
+        """The answer groups reported apart, in order: the configured ones, or ANSWER alone."""
+        return list(self.groups) or [ANSWER]
 
 
 @dataclass
@@ -57,11 +80,11 @@ class TimingSection:
     warmup: int = 1
     repeats: int = 5
     decode_tokens: int = 8  # decode time per token: generate(N) minus generate(1), over N - 1 steps
-    seeds: int = 1  # the models of the first N seeds are timed
+    seeds: int = 1  # the models of the first N seeds are timed (0: no timing)
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0 or self.decode_tokens < 2 or self.seeds < 1:
-            raise ValueError(f"timing={dataclasses.asdict(self)}: batch_size, repeats and seeds must be >= 1, "
+        if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0 or self.decode_tokens < 2 or self.seeds < 0:
+            raise ValueError(f"timing={dataclasses.asdict(self)}: batch_size and repeats must be >= 1, seeds and "
                              "warmup >= 0, decode_tokens >= 2")
 
 

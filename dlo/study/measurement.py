@@ -19,7 +19,7 @@ from dlo.export import export_static, save_export
 from dlo.flops import model_flops
 from dlo.modeling import routed_layers
 from dlo.study.arms import Arm
-from dlo.study.config import PROMPT, StudyConfig
+from dlo.study.config import PROMPT, EvalSection, StudyConfig
 
 # Generation may run this many tokens past the longest reference answer, so a model that does not
 # stop after the answer is cut off with extra text (a miss), not at exactly the answer (a false hit).
@@ -30,18 +30,20 @@ ANSWER_MARGIN_TOKENS = 8
 class EvalData:
     batches: list[dict]  # eval-loss batches, each with "group" (B, T): the group index each position predicts
     groups: list[str]  # group names by index; index 0 is PROMPT
-    records: list[dict]  # exact-match records
+    records: list[dict]  # exact-match records (none: exact match is not measured)
     max_new_tokens: int
     timing_batch: dict
     prompt_batch: dict  # left-padded generation prompts of the timing records
     calibration: list[dict]  # training-text batches for similarity and router usage
+    texts: list[dict] | None  # held-out plain-text batches for text_loss (None: no eval.text_file)
 
     @classmethod
     def load(cls, cfg: StudyConfig, tokenizer) -> EvalData:
         data = cfg.recipe["data"]
         path, max_length = data["eval_file"], data.get("max_length", 512)
-        groups = [PROMPT, *cfg.eval.groups]
-        group_of = {c: groups.index(g) for g, classes in cfg.eval.groups.items() for c in classes}
+        groups = [PROMPT, *cfg.eval.group_names]
+        # Without configured groups every answer token is in the one group ANSWER (index 1).
+        group_of = {c: groups.index(g) for g, classes in cfg.eval.groups.items() for c in classes} or None
         records = read_eval_records(path, cfg.eval.max_samples)
         encoded = [dict(zip(("input_ids", "labels"), encode(r, tokenizer, max_length))) for r in records]
         pad = pad_token_id(tokenizer)
@@ -50,19 +52,28 @@ class EvalData:
             chunk = records[n * cfg.eval.batch_size:(n + 1) * cfg.eval.batch_size]
             batch["group"] = _position_groups(batch["labels"], chunk, group_of, path)
         accuracy = records[:cfg.eval.accuracy_samples]
-        longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in accuracy)
+        longest = max((len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in accuracy),
+                      default=0)
         timed = records[:cfg.timing.batch_size]
         timing = make_batches(encoded[:cfg.timing.batch_size], cfg.timing.batch_size, pad)[0]
         calibration = load_batches(data["train_file"], tokenizer, cfg.eval.batch_size, max_length,
                                    cfg.static.calibration_samples)
+        texts = None if cfg.eval.text_file is None else load_batches(
+            cfg.eval.text_file, tokenizer, cfg.eval.batch_size, max_length, cfg.eval.max_text_samples)
         return cls(batches=batches, groups=groups, records=accuracy, max_new_tokens=longest + ANSWER_MARGIN_TOKENS,
-                   timing_batch=timing, prompt_batch=_prompts(tokenizer, timed), calibration=calibration)
+                   timing_batch=timing, prompt_batch=_prompts(tokenizer, timed), calibration=calibration, texts=texts)
 
 
-def _position_groups(labels: torch.Tensor, records: list[dict], group_of: dict[str, int], path: str) -> torch.Tensor:
-    """(B, T) group index of the answer token each position predicts (0: none), -1 on the last position."""
+def _position_groups(labels: torch.Tensor, records: list[dict], group_of: dict[str, int] | None,
+                     path: str) -> torch.Tensor:
+    """(B, T) group index of the answer token each position predicts (0: none), -1 on the last position.
+
+    ``group_of`` maps token classes to groups; None puts every answer token in group 1 (no token classes)."""
     groups = torch.zeros_like(labels)
     groups[:, -1] = -1
+    if group_of is None:
+        groups[:, :-1][labels[:, 1:] != IGNORE_INDEX] = 1
+        return groups
     for row, record in enumerate(records):
         classes = record.get("token_classes")
         answer = (labels[row, 1:] != IGNORE_INDEX).nonzero().flatten().tolist()
@@ -159,14 +170,37 @@ def token_pass(model, data: EvalData) -> dict:
     return result
 
 
-def measure(model, tokenizer, data: EvalData) -> dict:
+def lm_eval_scores(model, tokenizer, settings: EvalSection) -> dict[str, dict[str, float]]:
+    """lm-eval's scores of ``model`` on ``settings.lm_eval_tasks``: {task: {metric: value}}, stderrs left out.
+
+    As recipes/lm_eval/evaluate.py does: the loaded model goes to lm-eval's HFLM as an object (routed models keep
+    their thresholds), the task definitions come from ``settings.lm_eval_include`` (their data paths are relative
+    to the working directory: the repository root)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    include = settings.lm_eval_include
+    tasks = TaskManager(include_path=include, include_defaults=False) if include else TaskManager()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+    results = lm_eval.simple_evaluate(model=lm, tasks=settings.lm_eval_tasks, limit=settings.lm_eval_limit,
+                                      bootstrap_iters=0, task_manager=tasks, verbosity="ERROR")["results"]
+    # lm-eval names a metric "<metric>,<filter>" (the filter "none" for these tasks) and adds an "alias".
+    return {task: {key.split(",")[0]: float(value) for key, value in results[task].items()
+                   if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
+            for task in settings.lm_eval_tasks}
+
+
+def measure(model, tokenizer, data: EvalData, settings: EvalSection) -> dict:
     measured = token_pass(model, data)
     routed = {int(i): c for i, c in measured["realised_capacity"].items()}
     granularity = model.dlo_routing_config.granularity if routed else "block"
     return {
         "num_layers": model.config.num_hidden_layers,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "exact_match": exact_match(model, tokenizer, data.records, data.max_new_tokens),
+        "exact_match": exact_match(model, tokenizer, data.records, data.max_new_tokens) if data.records else None,
+        "text_loss": evaluate(model, data.texts, progress=False).loss if data.texts else None,
+        "lm_eval": lm_eval_scores(model, tokenizer, settings) if settings.lm_eval_tasks else {},
         "flops_per_token": model_flops(model.config, measured["mean_seq_len"], routed, granularity)["total"],
         "target_capacity": {str(layer.layer_index): float(layer.target_capacity) for layer in routed_layers(model)},
         **measured,
@@ -212,7 +246,7 @@ def measure_run(cfg: StudyConfig, arm: Arm, seed: int, tokenizer, data: EvalData
     label = routing_label(model.dlo_routing_config) if arm.kind == "dlo" else None
     common = {"arm": arm.name, "seed": seed, "label": label, "train_seconds": summary["train_seconds"],
               "train_steps": summary["steps"]}
-    measured = measure(model, tokenizer, data)
+    measured = measure(model, tokenizer, data, cfg.eval)
     # Memory: what training held (shared repetitions count once; adapters included, before any merge; unknown for
     # a run saved without the count) and what the saved model stores.
     held = {"total": measured["parameters"], "trainable": 0} if not arm.train else \
@@ -238,5 +272,5 @@ def measure_run(cfg: StudyConfig, arm: Arm, seed: int, tokenizer, data: EvalData
                                            attn, **selection)
         rows.append({"name": name, "kind": kind, "model_dir": path, "source": arm.name, "kept": info["kept"],
                      "dropped": info["dropped"], **common, "label": label, "checkpoint_mib": checkpoint_mib(path),
-                     **measure(static, tokenizer, data)})
+                     **measure(static, tokenizer, data, cfg.eval)})
     return rows

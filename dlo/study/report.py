@@ -39,6 +39,21 @@ def _timing_conditions(rows: list[dict]) -> str:
                      for name, threads, load in sorted(conditions, key=str))
 
 
+def _optional_measures(cfg: StudyConfig, data: EvalData) -> str:
+    """The sentences on exact match, held-out text loss and lm-eval: what was measured, on what."""
+    text = (f"exact match: greedy generation on {len(data.records)} prompts." if data.records else
+            "exact match: not measured (eval.accuracy_samples 0).")
+    if data.texts:
+        records = sum(b["input_ids"].shape[0] for b in data.texts)
+        text += (f" Text loss: mean next-token loss on {records} records of {cfg.eval.text_file} (each cut to "
+                 f"data.max_length tokens).")
+    if cfg.eval.lm_eval_tasks:
+        limit = "every" if cfg.eval.lm_eval_limit is None else f"the first {cfg.eval.lm_eval_limit}"
+        text += (f" lm-eval: {', '.join(cfg.eval.lm_eval_tasks)} on {limit} documents of each task (the tables "
+                 "show each task's acc, study.json every metric).")
+    return text
+
+
 def write_outputs(cfg: StudyConfig, rows: list[dict], data: EvalData, config_path: str) -> str:
     summary = summarise(rows, cfg, data)
     pairs = paired_differences(rows, cfg, data)
@@ -50,10 +65,12 @@ def write_outputs(cfg: StudyConfig, rows: list[dict], data: EvalData, config_pat
     sequences = sum(b["input_ids"].shape[0] for b in data.batches)
     setup = (f"Seeds {cfg.seeds}; every figure is the mean ± the 95% t-interval half width over seeds. Eval: "
              f"{sequences} records of {cfg.recipe['data']['eval_file']} (mean length {rows[0]['mean_seq_len']:.1f} "
-             f"tokens); exact match: greedy generation on {len(data.records)} prompts. Gain kept: (base - model) / "
+             f"tokens); {_optional_measures(cfg, data)} Gain kept: (base - model) / "
              f"(base - {cfg.static.dense}) in eval loss; added compute: (model - base) / ({cfg.static.dense} - base) "
-             f"in FLOPs per token. Timing: median of {cfg.timing.repeats} rounds over every model of the first "
-             f"{cfg.timing.seeds} seed(s) in turn, batch {shape}, on {_timing_conditions(timed)}.")
+             f"in FLOPs per token. ")
+    setup += (f"Timing: median of {cfg.timing.repeats} rounds over every model of the first {cfg.timing.seeds} "
+              f"seed(s) in turn, batch {shape}, on {_timing_conditions(timed)}." if timed else
+              f"Timing: none of these models was timed (timing.seeds {cfg.timing.seeds}).")
     with open(os.path.join(cfg.study_dir, "study.md"), "w") as fh:
         fh.write(f"# dlo efficiency study\n\nConfig: `{config_path}`. {setup}\n\n{tables}\n\n"
                  + "".join(f"![{key}](study_{key}.png)\n" for key in figures))

@@ -10,9 +10,9 @@ from dlo.study.measurement import EvalData
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom; beyond the table a Cornish-Fisher expansion.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-METRICS = ("eval_loss", "exact_match", "flops_per_token", "gain_share", "compute_share", "gain_per_compute",
-           "prefill_s",
-           "decode_s", "train_step_s")
+METRICS = ("eval_loss", "exact_match", "text_loss", "flops_per_token", "gain_share", "compute_share",
+           "gain_per_compute", "prefill_s", "decode_s", "train_step_s")
+LM_EVAL_MAIN_METRIC = "acc"  # the metric tables show of an lm-eval task that has it
 
 
 def t95(df: int) -> float:
@@ -28,6 +28,11 @@ def interval(values: list[float]) -> dict:
     mean = statistics.fmean(values)
     half = t95(n - 1) * statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
     return {"mean": mean, "ci95": half, "n": n, "values": values}
+
+
+def main_metric(metrics: dict) -> str:
+    """The metric shown of an lm-eval task: LM_EVAL_MAIN_METRIC where the task has it, else its first."""
+    return LM_EVAL_MAIN_METRIC if LM_EVAL_MAIN_METRIC in metrics else next(iter(metrics))
 
 
 def with_references(rows: list[dict], cfg: StudyConfig) -> list[dict]:
@@ -70,19 +75,29 @@ def summarise(rows: list[dict], cfg: StudyConfig, data: EvalData) -> list[dict]:
                                       for i in first["realised_capacity"]}
         entry["capacity_by_group"] = {i: {g: interval([r["capacity_by_group"][i][g] for r in mine])
                                           for g in data.groups} for i in first["capacity_by_group"]}
+        entry["lm_eval"] = {task: {metric: interval([r["lm_eval"][task][metric] for r in mine]) for metric in metrics}
+                            for task, metrics in first["lm_eval"].items()}
         entry["dropped"] = sorted({tuple(r["dropped"]) for r in mine}) if "dropped" in first else None
         summary.append(entry)
     return summary
 
 
 def paired_differences(rows: list[dict], cfg: StudyConfig, data: EvalData) -> list[dict]:
-    """For each ``compare`` pair [a, b]: a - b per seed, as intervals (eval loss, hard-group accuracy, FLOPs)."""
-    keys = ["eval_loss", *[f"accuracy_{g}" for g in data.groups[1:]], "flops_per_token"]
+    """For each ``compare`` pair [a, b]: a - b per seed, as intervals (eval loss, group accuracies, held-out text
+    loss where measured, FLOPs; under "lm_eval" the main metric of each task)."""
+    keys = ["eval_loss", *[f"accuracy_{g}" for g in data.groups[1:]], *(["text_loss"] if data.texts else []),
+            "flops_per_token"]
     by = {(r["name"], r["seed"]): r for r in rows}
     out = []
     for a, b in cfg.compare:
         seeds = [s for s in cfg.seeds if (a, s) in by and (b, s) in by]
         if not seeds:
             continue
-        out.append({"a": a, "b": b, **{k: interval([by[(a, s)][k] - by[(b, s)][k] for s in seeds]) for k in keys}})
+        pair = {"a": a, "b": b, **{k: interval([by[(a, s)][k] - by[(b, s)][k] for s in seeds]) for k in keys}}
+        pair["lm_eval"] = {}
+        for task, metrics in by[(a, seeds[0])]["lm_eval"].items():
+            metric = main_metric(metrics)
+            pair["lm_eval"][task] = interval([by[(a, s)]["lm_eval"][task][metric] - by[(b, s)]["lm_eval"][task][metric]
+                                              for s in seeds])
+        out.append(pair)
     return out
