@@ -94,6 +94,12 @@ class RoutingConfig:
     anneal_schedule: str = field(
         default="linear", metadata={"help": "'linear' or 'cosine' annealing.", "check": Choice(SCHEDULES)}
     )
+    anneal_delay_steps: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps at capacity 1.0 before the anneal starts (0: from the first step). "
+                  "Lets a circuit that forms late form while every token runs, before labels move capacity.",
+                  "check": Number(low=0, integer=True)},
+    )
     threshold_momentum: float = field(
         default=0.9,
         metadata={"help": "EMA momentum of the score quantiles tracked in training; they set the inference "

@@ -3,11 +3,14 @@
 import math
 
 
-def anneal_fraction(step: int, anneal_steps: int, schedule: str = "linear") -> float:
-    """0.0 at step 0 (every token runs) -> 1.0 once ``step >= anneal_steps`` (targets reached)."""
+def anneal_fraction(step: int, anneal_steps: int, schedule: str = "linear", delay: int = 0) -> float:
+    """0.0 until ``step`` reaches ``delay`` (every token runs), then -> 1.0 once ``step >= delay + anneal_steps``
+    (targets reached)."""
+    if step < delay:
+        return 0.0
     if anneal_steps <= 0:
         return 1.0
-    t = min(max(step, 0) / anneal_steps, 1.0)
+    t = min(max(step - delay, 0) / anneal_steps, 1.0)
     if schedule == "linear":
         return t
     if schedule == "cosine":

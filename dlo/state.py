@@ -67,8 +67,10 @@ class RoutingState(nn.Module):
 
     # ---- 1. inputs of a forward ----------------------------------------------------------
     def effective_capacities(self, step: int) -> list[float]:
-        """Per routed layer: the capacity training selects with at ``step`` (annealed from 1.0)."""
-        frac = anneal_fraction(step, self.config.anneal_steps, self.config.anneal_schedule)
+        """Per routed layer: the capacity training selects with at ``step`` (1.0 through the anneal's delay, then
+        annealed to the layer's target)."""
+        frac = anneal_fraction(step, self.config.anneal_steps, self.config.anneal_schedule,
+                               self.config.anneal_delay_steps)
         return [1.0 - (1.0 - float(layer.capacity)) * frac for layer in self._layers]
 
     @torch.compiler.disable

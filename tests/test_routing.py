@@ -279,21 +279,25 @@ def test_capacity_annealing_schedule():
     assert anneal_fraction(5, 10, "cosine") == pytest.approx(0.5)
     assert anneal_fraction(2, 10, "cosine") < 0.2
     assert anneal_fraction(3, 0) == 1.0
+    # A delay holds every token running, then the same anneal follows, shifted.
+    assert [anneal_fraction(s, 10, delay=20) for s in (0, 19, 20, 25, 30, 99)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    assert anneal_fraction(4, 0, delay=5) == 0.0 and anneal_fraction(5, 0, delay=5) == 1.0
 
 
-def test_annealing_drives_topk_capacity(base):
-    model = dlo.attach_routers(copy.deepcopy(base),
-                               dlo.RoutingConfig(layers=[1], capacity=0.25, anneal_steps=4, label="self")).train()
+@pytest.mark.parametrize("delay", [0, 2])
+def test_annealing_drives_topk_capacity(base, delay):
+    config = dlo.RoutingConfig(layers=[1], capacity=0.25, anneal_steps=4, label="self", anneal_delay_steps=delay)
+    model = dlo.attach_routers(copy.deepcopy(base), config).train()
     ids = torch.randint(3, base.config.vocab_size, (2, 16))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     seen = []
-    for _ in range(6):  # the capacity follows the optimizer steps taken, whatever loop takes them
+    for _ in range(6 + delay):  # the capacity follows the optimizer steps taken, whatever loop takes them
         out = model(ids, labels=ids)
         seen.append(out.routing[0].selected.float().mean().item())
         out.loss.backward()
         opt.step()
-    assert seen == [1.0, 13 / 16, 10 / 16, 7 / 16, 4 / 16, 4 / 16]
-    assert int(dlo.routing_state(model).step) == 6
+    assert seen == [1.0] * delay + [1.0, 13 / 16, 10 / 16, 7 / 16, 4 / 16, 4 / 16]
+    assert int(dlo.routing_state(model).step) == 6 + delay
 
 
 def test_save_load_round_trip_and_remote_code(base, tmp_path):

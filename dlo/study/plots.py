@@ -31,9 +31,10 @@ def _figure(cols: int, rows: int = 1):
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
-def _scatter(ax, summary: list[dict], xkey: str, ykey: str, xscale: float = 1.0, yscale: float = 1.0,
-             ylim: tuple[float, float] | None = None):
-    """Means with 95% intervals; a mean outside ``ylim`` is drawn as an arrow at the edge, its value written."""
+def _scatter(ax, summary: list[dict], xkey: str, ykey: str, references: tuple[str, str], xscale: float = 1.0,
+             yscale: float = 1.0, ylim: tuple[float, float] | None = None):
+    """Means with 95% intervals; a mean outside ``ylim`` is drawn as an arrow at the edge, its value written.
+    The ``references`` (the study's base and dense models) also get a horizontal line."""
     for e in summary:
         if e[xkey] is None or e[ykey] is None:
             continue
@@ -50,14 +51,16 @@ def _scatter(ax, summary: list[dict], xkey: str, ykey: str, xscale: float = 1.0,
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, ms=7, color=color, mfc="none" if hollow else color,
                     capsize=3, lw=1, zorder=3)
         ax.annotate(e["name"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        if e["kind"] in ("base", "dense") and e["name"] in ("base", "dense"):
-            ax.axhline(y, color=color, lw=0.8, ls="--" if e["kind"] == "base" else ":")
+        if e["name"] in references:
+            ax.axhline(y, color=color, lw=0.8, ls="--" if e["name"] == references[0] else ":")
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
 
 
-def plot_study(summary: list[dict], groups: list[str], out_dir: str, timing_shape: list[int]) -> dict[str, object]:
+def plot_study(summary: list[dict], groups: list[str], out_dir: str, timing_shape: list[int],
+               references: tuple[str, str]) -> dict[str, object]:
+    """The study's figures, saved as ``study_<key>.png`` in ``out_dir``; ``references``: (base, dense) names."""
     divisor, unit = flop_unit(max(e["flops_per_token"]["mean"] for e in summary))
     hard = groups[-1]
     figures = {}
@@ -67,10 +70,13 @@ def plot_study(summary: list[dict], groups: list[str], out_dir: str, timing_shap
                      default=max(e["eval_loss"]["mean"] for e in summary))
     accuracy = (-0.05, 1.05)
     fig, axes = _figure(3)
+    # Free-form replies (no exact match measured) get the held-out text loss, when measured, in that panel.
+    third = ("exact_match", "exact-match accuracy", accuracy)
+    if all(e["exact_match"] is None for e in summary) and any(e.get("text_loss") for e in summary):
+        third = ("text_loss", "held-out text loss (lower is better)", None)
     for ax, (ykey, label, ylim) in zip(axes[0], (("eval_loss", "eval loss (lower is better)", (-0.1, 1.5 * worst_base)),
-                                                 (f"accuracy_{hard}", f"{hard}-token accuracy", accuracy),
-                                                 ("exact_match", "exact-match accuracy", accuracy))):
-        _scatter(ax, summary, "flops_per_token", ykey, 1 / divisor, ylim=ylim)
+                                                 (f"accuracy_{hard}", f"{hard}-token accuracy", accuracy), third)):
+        _scatter(ax, summary, "flops_per_token", ykey, references, 1 / divisor, ylim=ylim)
         ax.set(xlabel=f"forward {unit}s per token (analytic, realised capacities)", ylabel=label)
     fig.suptitle("Quality vs compute, mean and 95% interval over seeds (filled circles: DLO by label; hollow "
                  "squares: usage exports; triangles: block-influence pruning; dashed: base, dotted: dense)")
@@ -79,13 +85,13 @@ def plot_study(summary: list[dict], groups: list[str], out_dir: str, timing_shap
     for ax, (xkey, scale, label) in zip(axes[0], (("prefill_s", 1e3, f"prefill ms, batch {timing_shape}"),
                                                   ("decode_s", 1e3, "decode ms per token (same batch)"),
                                                   ("train_step_s", 1e3, "training step ms (same batch)"))):
-        _scatter(ax, summary, xkey, f"accuracy_{hard}", scale, ylim=accuracy)
+        _scatter(ax, summary, xkey, f"accuracy_{hard}", references, scale, ylim=accuracy)
         ax.set(xlabel=f"{label}, measured", ylabel=f"{hard}-token accuracy")
     fig.suptitle("Quality vs wall-clock (CPU), timed models only")
     figures["quality_time"] = fig
     fig, axes = _figure(1)
     ax = axes[0][0]
-    _scatter(ax, summary, "compute_share", "gain_share", 100, 100, ylim=(-60, 130))
+    _scatter(ax, summary, "compute_share", "gain_share", references, 100, 100, ylim=(-60, 130))
     ax.plot([0, 100], [0, 100], color="0.6", lw=0.8, ls="-.")
     ax.axhline(80, color="#16a34a", lw=0.8)
     ax.axvline(60, color="#16a34a", lw=0.8)

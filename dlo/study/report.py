@@ -60,7 +60,7 @@ def write_outputs(cfg: StudyConfig, rows: list[dict], data: EvalData, config_pat
     verdict = preregistered(rows, cfg, data.groups)
     tables = markdown_tables(summary, pairs, data.groups) + "\n\n" + preregistered_text(verdict)
     shape = list(data.timing_batch["input_ids"].shape)
-    figures = plot_study(summary, data.groups, cfg.study_dir, shape)
+    figures = plot_study(summary, data.groups, cfg.study_dir, shape, (cfg.static.base, cfg.static.dense))
     timed = [r for r in rows if "timed_on" in r]
     sequences = sum(b["input_ids"].shape[0] for b in data.batches)
     setup = (f"Seeds {cfg.seeds}; every figure is the mean ± the 95% t-interval half width over seeds. Eval: "
