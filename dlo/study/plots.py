@@ -72,7 +72,7 @@ def plot_study(summary: list[dict], groups: list[str], out_dir: str, timing_shap
     fig, axes = _figure(3)
     # Free-form replies (no exact match measured) get the held-out text loss, when measured, in that panel.
     third = ("exact_match", "exact-match accuracy", accuracy)
-    if all(e["exact_match"] is None for e in summary) and any(e.get("text_loss") for e in summary):
+    if all(e["exact_match"] is None for e in summary) and any(e["text_loss"] is not None for e in summary):
         third = ("text_loss", "held-out text loss (lower is better)", None)
     for ax, (ykey, label, ylim) in zip(axes[0], (("eval_loss", "eval loss (lower is better)", (-0.1, 1.5 * worst_base)),
                                                  (f"accuracy_{hard}", f"{hard}-token accuracy", accuracy), third)):

@@ -29,29 +29,17 @@ def preregistered(rows: list[dict], cfg: StudyConfig, groups: list[str]) -> dict
     def paired(a: str, b: str, key: str, over: list[int] = seeds) -> dict:
         return interval([by[(a, s)][key] - by[(b, s)][key] for s in over])
 
-    base_loss = [by[(base, s)]["eval_loss"] for s in seeds]
-    gain, hard_gain = paired(base, dense, "eval_loss"), paired(dense, base, f"accuracy_{hard}")
-    gap = interval([by[(base, s)][f"loss_{hard}"] - by[(base, s)][f"loss_{easy}"] for s in seeds])
-    testbed = {"gain": gain, "gain_relative": gain["mean"] / statistics.fmean(base_loss),
-               "hard_accuracy_gain": hard_gain,
-               "base_eval_loss_sd": statistics.stdev(base_loss) if len(base_loss) > 1 else math.nan,
-               "hard_minus_easy_loss_of_base": gap}
-    testbed["checks"] = {
-        "gain interval excludes zero": gain["mean"] - gain["ci95"] > 0,
-        "gain >= 5% of base eval loss or >= 10 points of hard accuracy":
-            testbed["gain_relative"] >= 0.05 or hard_gain["mean"] >= 0.10,
-        "gain >= 5 x seed sd of base eval loss": gain["mean"] >= 5 * testbed["base_eval_loss_sd"],
-        "base hard-token loss >= easy-token loss + 1 nat": gap["mean"] >= 1.0}
     mixed = cfg.testbed is not None and cfg.testbed.kind == "mixed"
     # Trained models with the depth of a static alternative (e.g. one zero-init copy, LLaMA-Pro): static arms too.
     trained_static = [a.name for a in cfg.arms if a.kind == "dense" and a.name != dense
                       and all((a.name, s) in by and by[(a.name, s)]["num_layers"] in cfg.static.num_layers
                               for s in seeds)]
-    if mixed:
-        testbed["checks"] |= _mixed_depth_checks(by, seeds, dense, trained_static, hard)
-    testbed["holds"] = all(testbed["checks"].values())
-    if len(groups) == 2:  # one answer group (no token classes): no easy and hard tokens, the criterion does not apply
-        testbed = None
+    testbed = None
+    if len(groups) > 2:  # one answer group (no token classes) has no easy and hard tokens: no testbed criterion
+        testbed = _testbed_criterion(by, seeds, paired, base, dense, easy, hard)
+        if mixed:
+            testbed["checks"] |= _mixed_depth_checks(by, seeds, dense, trained_static, hard)
+        testbed["holds"] = all(testbed["checks"].values())
     question = []
     for arm in cfg.arms:
         if arm.kind != "dlo" or arm.recipe["routing"].get("capacity") != QUESTION_CAPACITY:
@@ -80,8 +68,27 @@ def preregistered(rows: list[dict], cfg: StudyConfig, groups: list[str]) -> dict
     return {"testbed": testbed, "question": question}
 
 
+def _testbed_criterion(by: dict, seeds: list[int], paired, base: str, dense: str, easy: str, hard: str) -> dict:
+    """The depth testbed's four checks: dense gains clearly over base, and hard tokens cost the base more."""
+    base_loss = [by[(base, s)]["eval_loss"] for s in seeds]
+    gain, hard_gain = paired(base, dense, "eval_loss"), paired(dense, base, f"accuracy_{hard}")
+    gap = interval([by[(base, s)][f"loss_{hard}"] - by[(base, s)][f"loss_{easy}"] for s in seeds])
+    testbed = {"gain": gain, "gain_relative": gain["mean"] / statistics.fmean(base_loss),
+               "hard_accuracy_gain": hard_gain,
+               "base_eval_loss_sd": statistics.stdev(base_loss) if len(base_loss) > 1 else math.nan,
+               "hard_minus_easy_loss_of_base": gap}
+    testbed["checks"] = {
+        "gain interval excludes zero": gain["mean"] - gain["ci95"] > 0,
+        "gain >= 5% of base eval loss or >= 10 points of hard accuracy":
+            testbed["gain_relative"] >= 0.05 or hard_gain["mean"] >= 0.10,
+        "gain >= 5 x seed sd of base eval loss": gain["mean"] >= 5 * testbed["base_eval_loss_sd"],
+        "base hard-token loss >= easy-token loss + 1 nat": gap["mean"] >= 1.0}
+    return testbed
+
+
 def _margin(difference: dict) -> float:
-    """Mean paired difference (static - DLO) in seed standard deviations; +inf when every seed agrees exactly."""
+    """How many seed sds DLO is below a static model: -mean / sd of the paired (DLO - static) difference; +-inf
+    when every seed gives the same difference."""
     values = difference["values"]
     sd = statistics.stdev(values) if len(values) > 1 else math.nan
     if sd == 0:
